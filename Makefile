@@ -1,0 +1,56 @@
+# chatsse — every target bootstraps what it needs: a fresh machine needs only python3 and make.
+PYTHON ?= python3
+VENV := .venv
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+UV_VERSION := 0.13.9
+STAMP := $(VENV)/.installed
+BIN := $(VENV)/bin
+export UV_PYTHON_DOWNLOADS := never
+
+.DEFAULT_GOAL := help
+.PHONY: help install run run-dev test lint format type-check check-all bench lock clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check "uv==$(UV_VERSION)"
+
+$(STAMP): pyproject.toml uv.lock | $(UV)
+	$(UV) sync --frozen --python $(PYTHON)
+	@touch $@
+
+install: $(STAMP) ## create .venv with the locked dependencies
+
+run: $(STAMP) ## serve the chat page and API on http://127.0.0.1:8000
+	$(BIN)/chatsse serve
+
+run-dev: $(STAMP) ## serve with auto-reload on code changes
+	$(BIN)/chatsse serve --reload
+
+test: $(STAMP) ## run the test suite
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff lint and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP) ## apply ruff fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+type-check: $(STAMP) ## mypy --strict on the package
+	$(BIN)/mypy
+
+check-all: lint type-check test ## everything CI checks
+
+bench: $(STAMP) ## server CPU per event, framework by framework
+	$(BIN)/python scripts/bench_sse.py
+
+lock: $(UV) ## re-resolve uv.lock after changing dependencies
+	$(UV) lock --python $(PYTHON)
+
+clean: ## remove the environments and caches
+	rm -rf $(VENV) $(TOOLS) .mypy_cache .pytest_cache .ruff_cache

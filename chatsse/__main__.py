@@ -1,0 +1,3 @@
+from chatsse.cli import main
+
+raise SystemExit(main())

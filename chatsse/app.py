@@ -1,0 +1,287 @@
+"""The application factory: ``create_app(settings)`` builds one independent server.
+
+Nothing here is module-level state, so tests and notebooks can run several servers in
+one process.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from importlib.resources import files
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, Response
+from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
+
+from chatsse import __version__
+from chatsse.chat import ChatStream
+from chatsse.conversations import (
+    ConversationBusy,
+    ConversationError,
+    ConversationFull,
+    ConversationLimitReached,
+    ConversationManager,
+    ConversationNotFound,
+    ConversationStore,
+    MemoryStore,
+)
+from chatsse.engine import Engine, SimulatedEngine
+from chatsse.logs import configure_logging
+from chatsse.metrics import Metrics
+from chatsse.middleware import SCOPE_ARRIVED, SCOPE_LOG_FIELDS, RequestContextMiddleware, error_body
+from chatsse.models import ChatRequest, ConversationInfo, ConversationList, ConversationOut, MessageOut
+from chatsse.settings import Settings, load_settings
+from chatsse.sse import EventStreamResponse
+
+ERROR_STATUS: dict[type[ConversationError], int] = {
+    ConversationNotFound: 404,
+    ConversationBusy: 409,
+    ConversationFull: 409,
+    ConversationLimitReached: 503,
+}
+# JSON escaping can grow a message up to six-fold (\uXXXX); allow that plus the envelope.
+_BODY_OVERHEAD = 4096
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": {"type", "message"}}`` with an HTTP status."""
+
+    def __init__(self, status: int, type: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.type, self.message, self.headers = status, type, message, headers
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    engine: Engine
+    manager: ConversationManager
+    metrics: Metrics
+    started_at: float = field(default_factory=time.time)
+    open_streams: int = 0
+
+    def reserve_stream(self) -> None:
+        self.open_streams += 1
+        self.metrics.open_streams.inc()
+
+    def release_stream(self) -> None:
+        self.open_streams -= 1
+        self.metrics.open_streams.dec()
+
+
+def get_state(request: Request) -> ServerState:
+    state: ServerState = request.app.state.chatsse
+    return state
+
+
+State = Annotated[ServerState, Depends(get_state)]
+
+
+def _conversation_out(info: ConversationInfo, messages: list[MessageOut] | None = None) -> ConversationOut:
+    return ConversationOut(**info.to_dict(), messages=messages)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    engine: Engine | None = None,
+    store: ConversationStore | None = None,
+) -> FastAPI:
+    """Build a chatsse server. Defaults: settings from the environment, the simulated
+    engine, an in-memory conversation store."""
+    settings = settings or load_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    engine = engine or SimulatedEngine.from_settings(settings)
+    store = store or MemoryStore(
+        ttl=settings.conversation_ttl,
+        max_conversations=settings.max_conversations,
+        max_messages=settings.max_conversation_messages,
+    )
+    metrics = Metrics()
+    state = ServerState(
+        settings=settings,
+        engine=engine,
+        manager=ConversationManager(store, max_history=settings.max_history_length),
+        metrics=metrics,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await engine.aclose()
+        await store.close()
+
+    app = FastAPI(title="chatsse", version=__version__, debug=settings.debug, lifespan=lifespan)
+    app.state.chatsse = state
+    _add_error_handlers(app)
+    _add_routes(app, settings)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_credentials=settings.cors_allow_credentials,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Content-Type", "Last-Event-ID", "X-Request-ID"],
+            expose_headers=["X-Request-ID"],
+        )
+    app.add_middleware(
+        RequestContextMiddleware,
+        metrics=metrics,
+        max_body_bytes=6 * settings.max_message_size + _BODY_OVERHEAD,
+    )
+    return app
+
+
+def _json_error(
+    status: int, error_type: str, message: str, headers: Mapping[str, str] | None = None, **extra: Any
+) -> Response:
+    return Response(error_body(error_type, message, **extra), status, headers, media_type="application/json")
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> Response:
+        return _json_error(exc.status, exc.type, exc.message, exc.headers)
+
+    @app.exception_handler(ConversationError)
+    async def conversation_error(request: Request, exc: ConversationError) -> Response:
+        return _json_error(ERROR_STATUS.get(type(exc), 400), exc.type, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        details = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()
+        ]
+        summary = "; ".join(f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in details)
+        return _json_error(422, "invalid_request", summary or "invalid request", details=details)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        error_type = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(
+            exc.status_code, "http_error"
+        )
+        return _json_error(exc.status_code, error_type, str(exc.detail), exc.headers)
+
+
+def _add_routes(app: FastAPI, settings: Settings) -> None:
+    page = files("chatsse").joinpath("static/index.html").read_bytes()
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    @app.post(
+        "/chat",
+        responses={
+            200: {"content": {"text/event-stream": {}}, "description": "The reply as an SSE stream."},
+            404: {"description": "Unknown conversation."},
+            409: {"description": "Conversation busy (a turn in progress) or full."},
+            413: {"description": "Message over CHATSSE_MAX_MESSAGE_SIZE."},
+            422: {"description": "Invalid JSON or fields."},
+            503: {"description": "Too many open streams (Retry-After) or conversations."},
+        },
+    )
+    async def chat(body: ChatRequest, request: Request, state: State) -> Response:
+        s = state.settings
+        size = len(body.message.encode())
+        if size > s.max_message_size:
+            state.metrics.rejections.labels("message_too_large").inc()
+            raise ApiError(
+                413, "message_too_large", f"message is {size} bytes; the limit is {s.max_message_size}"
+            )
+        if state.open_streams >= s.max_concurrent_connections:
+            state.metrics.rejections.labels("server_busy").inc()
+            limit = s.max_concurrent_connections
+            raise ApiError(
+                503, "server_busy", f"{state.open_streams} streams open; the limit is {limit}",
+                headers={"Retry-After": str(max(1, round(s.sse_retry_ms / 1000)))},
+            )  # fmt: skip
+        state.reserve_stream()
+        try:
+            turn = await state.manager.begin_turn(body.conversation_id, body.message)
+        except BaseException as exc:
+            state.release_stream()
+            if isinstance(exc, ConversationError):
+                state.metrics.rejections.labels(exc.type).inc()
+            raise
+        stream = ChatStream(
+            turn=turn,
+            engine=state.engine,
+            manager=state.manager,
+            metrics=state.metrics,
+            max_tokens=min(body.max_tokens or s.max_reply_tokens, s.max_reply_tokens),
+            timeout=s.request_timeout,
+            retry_ms=s.sse_retry_ms,
+            arrived=request.scope.get(SCOPE_ARRIVED, time.perf_counter()),
+            log_fields=request.scope.get(SCOPE_LOG_FIELDS, {}),
+            release=state.release_stream,
+        )
+        return EventStreamResponse(
+            stream, ping=s.sse_keepalive_interval, on_close=stream.close, headers={"X-Accel-Buffering": "no"}
+        )
+
+    @app.post("/conversations", status_code=201)
+    async def create_conversation(state: State) -> ConversationOut:
+        return _conversation_out(await state.manager.create(), [])
+
+    @app.get("/conversations")
+    async def list_conversations(
+        state: State, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    ) -> ConversationList:
+        infos = await state.manager.list(limit)
+        return ConversationList(
+            conversations=[_conversation_out(i) for i in infos], total=await state.manager.count()
+        )
+
+    @app.get("/conversations/{conversation_id}")
+    async def get_conversation(
+        conversation_id: str, state: State, limit: Annotated[int | None, Query(ge=1)] = None
+    ) -> ConversationOut:
+        info = await state.manager.get(conversation_id)
+        if info is None:
+            raise ConversationNotFound(f"no conversation {conversation_id}")
+        messages = await state.manager.messages(conversation_id, limit)
+        return _conversation_out(info, [MessageOut(**m.to_dict()) for m in messages])
+
+    @app.delete("/conversations/{conversation_id}", status_code=204)
+    async def delete_conversation(conversation_id: str, state: State) -> Response:
+        if not await state.manager.delete(conversation_id):
+            raise ConversationNotFound(f"no conversation {conversation_id}")
+        return Response(status_code=204)
+
+    @app.get("/health")
+    async def health(state: State) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "version": __version__,
+            "uptime_seconds": round(time.time() - state.started_at, 3),
+            "pid": os.getpid(),
+            "engine": state.engine.name,
+            "store": state.manager.store.name,
+            "open_streams": state.open_streams,
+        }
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(state: State) -> Response:
+        state.metrics.conversations.set(await state.manager.count())
+        return Response(state.metrics.render(), media_type=state.metrics.content_type)
+
+    @app.get("/stats")
+    async def stats(state: State) -> dict[str, Any]:
+        state.metrics.conversations.set(await state.manager.count())
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_seconds": round(time.time() - state.started_at, 3),
+            "engine": state.engine.name,
+            "store": state.manager.store.name,
+            **state.metrics.summary(),
+        }

@@ -1,0 +1,310 @@
+"""Response engines: what turns a message history into a stream of text deltas.
+
+Routes see only the :class:`Engine` protocol. The simulated engine here is the default;
+a real LLM backend implements the same two methods.
+
+Simulated timing model (all settings in milliseconds)::
+
+    ttft        = SIM_TTFT_MS + SIM_PREFILL_MS_PER_TOKEN * prompt_tokens
+    gap(token)  = SIM_TOKEN_INTERVAL_MS * (1 + SIM_JITTER * uniform(-1, 1))
+
+Token ``i`` is due at ``start + ttft + sum(gaps)``: deadlines are absolute, as on a real
+server whose decode loop runs at its own pace, so a late event loop catches up rather
+than drifting. All-zero timings produce tokens with no sleeping at all (for benchmarks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+from chatsse.models import Message
+from chatsse.settings import Settings
+
+CompletionReason = Literal["stop", "length"]
+
+_TOKEN = re.compile(r"\s*\w{1,8}|\s*[^\w\s]|\s+")
+_MESSAGE_OVERHEAD_TOKENS = 4  # role and separators, as chat templates add
+
+
+def tokenize(text: str) -> list[str]:
+    """Split text into word-piece-like tokens whose concatenation is exactly ``text``."""
+    return _TOKEN.findall(text)
+
+
+def count_prompt_tokens(messages: Sequence[Message]) -> int:
+    return sum(len(tokenize(m.content)) + _MESSAGE_OVERHEAD_TOKENS for m in messages)
+
+
+@runtime_checkable
+class Generation(Protocol):
+    """One reply being generated: an async iterator of text deltas.
+
+    ``finish_reason`` is set once iteration ends normally; token counts are live.
+    """
+
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: CompletionReason | None
+
+    def __aiter__(self) -> Generation: ...
+
+    async def __anext__(self) -> str: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Engine(Protocol):
+    """What a response engine provides. ``generate`` must not block; iteration may sleep."""
+
+    name: str
+
+    def generate(self, messages: Sequence[Message], *, max_tokens: int) -> Generation: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TimingModel:
+    ttft: float = 0.15
+    prefill_per_token: float = 0.0005
+    token_interval: float = 0.03
+    jitter: float = 0.2
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TimingModel:
+        return cls(
+            ttft=settings.sim_ttft_ms / 1000,
+            prefill_per_token=settings.sim_prefill_ms_per_token / 1000,
+            token_interval=settings.sim_token_interval_ms / 1000,
+            jitter=settings.sim_jitter,
+        )
+
+    @property
+    def paced(self) -> bool:
+        return self.ttft > 0 or self.prefill_per_token > 0 or self.token_interval > 0
+
+    def time_to_first_token(self, prompt_tokens: int) -> float:
+        return self.ttft + self.prefill_per_token * prompt_tokens
+
+    def gap(self, rng: random.Random) -> float:
+        if self.jitter == 0:
+            return self.token_interval
+        return self.token_interval * (1 + self.jitter * rng.uniform(-1.0, 1.0))
+
+
+class SimulatedGeneration:
+    """Pre-composed tokens released on the timing model's schedule."""
+
+    __slots__ = (
+        "_deadline",
+        "_final_reason",
+        "_i",
+        "_paced",
+        "_rng",
+        "_timing",
+        "_tokens",
+        "_ttft",
+        "completion_tokens",
+        "finish_reason",
+        "prompt_tokens",
+    )
+
+    def __init__(
+        self,
+        tokens: list[str],
+        *,
+        prompt_tokens: int,
+        final_reason: CompletionReason,
+        timing: TimingModel,
+        rng: random.Random,
+    ) -> None:
+        self._tokens = tokens
+        self._final_reason: CompletionReason | None = final_reason
+        self._timing = timing
+        self._rng = rng
+        self._ttft = timing.time_to_first_token(prompt_tokens)
+        self._paced = timing.paced
+        self._deadline: float | None = None
+        self._i = 0
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0
+        self.finish_reason: CompletionReason | None = None
+
+    def __aiter__(self) -> SimulatedGeneration:
+        return self
+
+    async def __anext__(self) -> str:
+        i = self._i
+        if i >= len(self._tokens):
+            self.finish_reason = self._final_reason
+            raise StopAsyncIteration
+        if self._paced:
+            now = asyncio.get_running_loop().time()
+            if self._deadline is None:
+                self._deadline = now + self._ttft
+            else:
+                self._deadline += self._timing.gap(self._rng)
+            delay = self._deadline - now
+            if delay > 0:
+                await asyncio.sleep(delay)
+        self._i = self.completion_tokens = i + 1
+        return self._tokens[i]
+
+    async def aclose(self) -> None:
+        """Stop early: iteration ends and ``finish_reason`` stays None."""
+        self._tokens = self._tokens[: self._i]
+        self._final_reason = None
+
+
+_OPENINGS = (
+    'You asked: "{quote}".',
+    'Good question about "{quote}".',
+    'Let me think about "{quote}".',
+    'On "{quote}" - here is how I see it.',
+)
+_FOLLOW_UPS = (
+    "Building on what we said earlier about {earlier},",
+    "Coming back to {earlier} from before,",
+    "Since we already covered {earlier},",
+)
+_SENTENCES = (
+    "The short answer is that {topic} depends on what you measure and when you measure it.",
+    "A useful way to approach {topic} is to start from the behaviour you want and work back.",
+    "Most of the cost in {topic} comes from a few places, so profile before you optimise.",
+    "When {topic} runs under load, the tail latency tells you more than the average.",
+    "It helps to write down the trade-offs of {topic} before picking an approach.",
+    "A small experiment with {topic} will teach you more than a long argument.",
+    "Keep the fast path for {topic} short and move everything else out of it.",
+    "If {topic} has to stream, send each piece as soon as it is ready.",
+    "The details of {topic} matter less than a clear way to check that it works.",
+    "For {topic}, a simple model first and a refined one later usually wins.",
+    "Watch what happens to {topic} when two things happen at the same time.",
+    "There is rarely one right answer for {topic}, but there are many wrong ones.",
+)
+_STOPWORDS = frozenset(
+    [
+        "a",
+        "an",
+        "and",
+        "are",
+        "about",
+        "can",
+        "could",
+        "does",
+        "for",
+        "from",
+        "have",
+        "how",
+        "into",
+        "is",
+        "it",
+        "its",
+        "me",
+        "my",
+        "of",
+        "on",
+        "or",
+        "please",
+        "should",
+        "tell",
+        "that",
+        "the",
+        "this",
+        "to",
+        "was",
+        "what",
+        "when",
+        "where",
+        "which",
+        "who",
+        "why",
+        "will",
+        "with",
+        "would",
+        "you",
+        "your",
+    ]
+)
+
+
+def _quote(text: str, limit: int = 60) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3].rstrip() + "..."
+
+
+def _topic(text: str) -> str:
+    words = [w for w in re.findall(r"[A-Za-z][A-Za-z0-9'-]+", text) if w.lower() not in _STOPWORDS]
+    if not words:
+        return "this"
+    longest = sorted(words, key=len, reverse=True)[:2]
+    ordered = [w for w in words if w in longest][:2]
+    return " ".join(dict.fromkeys(w.lower() for w in ordered))
+
+
+class SimulatedEngine:
+    """A deterministic stand-in for an LLM: same seed and history, same reply and pacing."""
+
+    name = "simulated"
+
+    def __init__(
+        self,
+        timing: TimingModel | None = None,
+        *,
+        reply_tokens: tuple[int, int] = (20, 80),
+        seed: int = 0,
+    ) -> None:
+        low, high = reply_tokens
+        if not 1 <= low <= high:
+            raise ValueError(f"reply_tokens must satisfy 1 <= min <= max, got {reply_tokens}")
+        self.timing = timing or TimingModel()
+        self.reply_tokens = reply_tokens
+        self.seed = seed
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SimulatedEngine:
+        return cls(
+            TimingModel.from_settings(settings),
+            reply_tokens=(settings.sim_reply_tokens_min, settings.sim_reply_tokens_max),
+            seed=settings.sim_seed,
+        )
+
+    def compose(self, messages: Sequence[Message], rng: random.Random) -> str:
+        """The full reply text for a history (whose last user message it answers)."""
+        users = [m.content for m in messages if m.role == "user"]
+        last = users[-1] if users else ""
+        topic = _topic(last)
+        parts = [rng.choice(_OPENINGS).format(quote=_quote(last))]
+        if len(users) > 1:
+            parts.append(rng.choice(_FOLLOW_UPS).format(earlier=_topic(users[-2])))
+        target = rng.randint(*self.reply_tokens)
+        pool = list(_SENTENCES)
+        rng.shuffle(pool)
+        tokens = sum(len(tokenize(p)) for p in parts)
+        while tokens < target:
+            sentence = pool[len(parts) % len(pool)].format(topic=topic)
+            parts.append(sentence)
+            tokens += len(tokenize(sentence))
+        return " ".join(parts)
+
+    def generate(self, messages: Sequence[Message], *, max_tokens: int) -> SimulatedGeneration:
+        history = "\x1e".join(f"{m.role}:{m.content}" for m in messages)
+        rng = random.Random(f"{self.seed}\x1f{history}")
+        tokens = tokenize(self.compose(messages, rng))
+        reason: CompletionReason = "stop"
+        if len(tokens) > max_tokens:
+            tokens, reason = tokens[:max_tokens], "length"
+        return SimulatedGeneration(
+            tokens,
+            prompt_tokens=count_prompt_tokens(messages),
+            final_reason=reason,
+            timing=self.timing,
+            rng=rng,
+        )
+
+    async def aclose(self) -> None:
+        return None

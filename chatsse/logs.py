@@ -1,0 +1,56 @@
+"""structlog set-up: JSON or console lines, with the request id bound per request.
+
+Logging is process-wide by nature (stdlib logging and structlog both keep global
+configuration), so :func:`configure_logging` is the one global step ``create_app`` takes.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+LOGGER_NAME = "chatsse"
+
+
+def configure_logging(level: str = "info", fmt: str = "console") -> None:
+    """Route chatsse's (and uvicorn's) logs through structlog's formatter."""
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    handler.set_name("chatsse")
+    numeric = logging.getLevelName(level.upper())
+    for name in (LOGGER_NAME, "uvicorn", "uvicorn.error", "gunicorn.error"):
+        logger = logging.getLogger(name)
+        logger.handlers = [h for h in logger.handlers if h.get_name() != "chatsse"]
+        if name in (LOGGER_NAME, "uvicorn"):
+            logger.addHandler(handler)
+            logger.propagate = False
+        logger.setLevel(numeric)
+    # chatsse logs one line per request itself; uvicorn's access log would repeat it.
+    logging.getLogger("uvicorn.access").disabled = True
+
+
+def get_logger(name: str = LOGGER_NAME) -> Any:
+    return structlog.stdlib.get_logger(name)

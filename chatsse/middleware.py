@@ -1,0 +1,131 @@
+"""Pure ASGI middleware (no ``BaseHTTPMiddleware``: it would sit between every event and
+the socket). One middleware does the per-request bookkeeping: request id, body size
+limit, metrics and the single log line at the end of each request or stream."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import structlog
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from chatsse.conversations import new_id
+from chatsse.metrics import Metrics
+from chatsse.sse import dumps
+
+REQUEST_ID_HEADER = "x-request-id"
+_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+SCOPE_ARRIVED = "chatsse.arrived"
+SCOPE_LOG_FIELDS = "chatsse.log_fields"
+
+
+def error_body(error_type: str, message: str, **extra: Any) -> bytes:
+    return dumps({"error": {"type": error_type, "message": message, **extra}}).encode()
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+        self.log = structlog.stdlib.get_logger("chatsse.access")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        arrived = time.perf_counter()
+        request_id = _request_id(scope)
+        fields: dict[str, Any] = {}
+        scope[SCOPE_ARRIVED] = arrived
+        scope[SCOPE_LOG_FIELDS] = fields
+        id_header = (REQUEST_ID_HEADER.encode(), request_id.encode())
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), id_header]
+            await send(message)
+
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            try:
+                too_large = _declared_length(scope) > self.max_body_bytes
+                if too_large:
+                    await _send_error(send_with_id, 413, "request_too_large",
+                                      f"request body over {self.max_body_bytes} bytes")  # fmt: skip
+                else:
+                    await self.app(scope, _limited(receive, self.max_body_bytes), send_with_id)
+            finally:
+                self._record(scope, status, arrived, fields)
+
+    def _record(self, scope: Scope, status: int, arrived: float, fields: dict[str, Any]) -> None:
+        duration = time.perf_counter() - arrived
+        route = getattr(scope.get("route"), "path", None) or "unmatched"
+        method = scope["method"]
+        self.metrics.requests.labels(method, route, str(status)).inc()
+        self.metrics.request_duration.labels(method, route).observe(duration)
+        self.log.info(
+            "request", method=method, path=scope["path"], status=status,
+            duration_ms=round(duration * 1000, 3), **fields,
+        )  # fmt: skip
+
+
+class BodyTooLarge(HTTPException):
+    """Raised while reading a body that exceeds the limit without declaring its length.
+
+    An ``HTTPException``, so FastAPI's body parsing lets it through as a 413."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body over {limit} bytes")
+
+
+def _limited(receive: Receive, limit: int) -> Receive:
+    seen = 0
+
+    async def limited_receive() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise BodyTooLarge(limit)
+        return message
+
+    return limited_receive
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            text: str = value.decode("latin-1")
+            if _VALID_REQUEST_ID.match(text):
+                return text
+            break
+    return new_id("req_")
+
+
+def _declared_length(scope: Scope) -> int:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return 0
+    return 0
+
+
+async def _send_error(send: Send, status: int, error_type: str, message: str) -> None:
+    body = error_body(error_type, message)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from chatsse import Settings, create_app
+from chatsse.inprocess import InProcessServer
+
+# Fast, jitter-free simulated timing unless a test asks for something else.
+FAST = {
+    "sim_ttft_ms": 1.0,
+    "sim_prefill_ms_per_token": 0.0,
+    "sim_token_interval_ms": 0.5,
+    "sim_jitter": 0.0,
+    "log_level": "warning",
+}
+
+Serve = Callable[..., InProcessServer]
+
+
+@pytest.fixture
+def serve() -> Iterator[Serve]:
+    """Start real uvicorn servers on free ports; all are stopped after the test."""
+    servers: list[InProcessServer] = []
+
+    def start(*, engine: Any = None, store: Any = None, **overrides: Any) -> InProcessServer:
+        settings = Settings(_env_file=None, **{**FAST, **overrides})  # type: ignore[call-arg]
+        server = InProcessServer(create_app(settings, engine=engine, store=store)).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def server(serve: Serve) -> InProcessServer:
+    return serve()
+
+
+@pytest.fixture
+def client(server: InProcessServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=10) as c:
+        yield c

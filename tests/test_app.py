@@ -1,0 +1,101 @@
+"""The non-streaming endpoints, error bodies, CORS and the chat page, through a real server."""
+
+from __future__ import annotations
+
+import os
+
+import httpx
+from conftest import Serve
+from support import chat
+
+from chatsse import __version__
+
+
+def test_health_reports_status_version_uptime_pid(client: httpx.Client) -> None:
+    body = client.get("/health").json()
+    assert body["status"] == "ok"
+    assert body["version"] == __version__
+    assert body["pid"] == os.getpid()
+    assert body["uptime_seconds"] >= 0
+    assert body["open_streams"] == 0
+    assert body["engine"] == "simulated"
+    assert body["store"] == "memory"
+
+
+def test_get_conversation_with_limit_returns_latest_messages(client: httpx.Client) -> None:
+    first = chat(client, "one")
+    chat(client, "two", first.conversation_id)
+    full = client.get(f"/conversations/{first.conversation_id}").json()
+    assert full["message_count"] == 4
+    assert [m["role"] for m in full["messages"]] == ["user", "assistant", "user", "assistant"]
+    latest = client.get(f"/conversations/{first.conversation_id}", params={"limit": 2}).json()
+    assert latest["messages"] == full["messages"][2:]
+    assert client.get(f"/conversations/{first.conversation_id}", params={"limit": 0}).status_code == 422
+
+
+def test_create_list_and_delete_conversations(client: httpx.Client) -> None:
+    created = client.post("/conversations")
+    assert created.status_code == 201
+    conversation_id = created.json()["id"]
+    assert created.json()["messages"] == []
+    reply = chat(client, "hello", conversation_id)
+    assert reply.conversation_id == conversation_id
+    other = chat(client, "another").conversation_id
+    listing = client.get("/conversations").json()
+    assert listing["total"] == 2
+    assert [c["id"] for c in listing["conversations"]] == [other, conversation_id]
+    assert client.delete(f"/conversations/{conversation_id}").status_code == 204
+    assert client.get(f"/conversations/{conversation_id}").status_code == 404
+    missing = client.delete(f"/conversations/{conversation_id}")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["type"] == "conversation_not_found"
+
+
+def test_unknown_route_and_method_have_json_errors(client: httpx.Client) -> None:
+    response = client.get("/nope")
+    assert response.status_code == 404
+    assert response.json()["error"]["type"] == "not_found"
+    response = client.get("/chat")
+    assert response.status_code == 405
+    assert response.json()["error"]["type"] == "method_not_allowed"
+
+
+def test_chat_page_is_served(client: httpx.Client) -> None:
+    response = client.get("/")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    page = response.text
+    for element_id in ("messages", "input", "send", "status", "conversation-id"):
+        assert f'id="{element_id}"' in page
+    assert "getReader" in page  # streams with fetch + ReadableStream
+    assert "innerHTML" not in page  # all text goes in as text
+
+
+def test_request_id_is_returned_and_echoed(client: httpx.Client) -> None:
+    generated = client.get("/health").headers["x-request-id"]
+    assert generated.startswith("req_")
+    assert client.get("/health").headers["x-request-id"] != generated
+    echoed = client.get("/health", headers={"X-Request-ID": "trace-123"})
+    assert echoed.headers["x-request-id"] == "trace-123"
+    unsafe = client.get("/health", headers={"X-Request-ID": "bad id\twith tab"})
+    assert unsafe.headers["x-request-id"].startswith("req_")
+
+
+def test_no_cors_headers_by_default(client: httpx.Client) -> None:
+    response = client.get("/health", headers={"Origin": "https://example.test"})
+    assert "access-control-allow-origin" not in response.headers
+
+
+def test_cors_allows_only_configured_origins(serve: Serve) -> None:
+    server = serve(cors_origins=["https://app.example"])
+    with httpx.Client(base_url=server.url) as client:
+        allowed = client.options(
+            "/chat",
+            headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                     "Access-Control-Request-Headers": "content-type"},
+        )  # fmt: skip
+        assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+        other = client.get("/health", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+        streamed = chat(client, "cors stream", max_tokens=2)
+        assert streamed.status == 200

@@ -1,0 +1,482 @@
+"""Tests for chatsse.engine: the tokenizer, the timing model and the simulated engine."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Coroutine, Sequence
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import chatsse.engine as engine_module
+from chatsse.engine import (
+    Generation,
+    SimulatedEngine,
+    SimulatedGeneration,
+    TimingModel,
+    count_prompt_tokens,
+    tokenize,
+)
+from chatsse.models import Message, Role
+from chatsse.settings import Settings
+
+UNPACED = TimingModel(ttft=0.0, prefill_per_token=0.0, token_interval=0.0, jitter=0.0)
+QUESTION = "How do I tune the latency of my streaming server?"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def msg(role: Role, content: str, i: int = 0) -> Message:
+    return Message(f"m{i}", role, content, float(i))
+
+
+def history(*texts: str) -> list[Message]:
+    """Alternating user/assistant messages, starting (and, for odd counts, ending) with user."""
+    roles: tuple[Role, Role] = ("user", "assistant")
+    return [msg(roles[i % 2], text, i) for i, text in enumerate(texts)]
+
+
+def step(coro: Coroutine[Any, Any, str]) -> str:
+    """Run one ``__anext__`` to completion without an event loop; fail if it suspends."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return str(done.value)
+    coro.close()
+    pytest.fail("the generation suspended (it would have slept)")
+
+
+def drain(gen: SimulatedGeneration) -> list[str]:
+    """All tokens of an unpaced generation, with no event loop at all."""
+    out: list[str] = []
+    while True:
+        try:
+            out.append(step(gen.__anext__()))
+        except StopAsyncIteration:
+            return out
+
+
+def reply(engine: SimulatedEngine, messages: Sequence[Message]) -> str:
+    return "".join(drain(engine.generate(messages, max_tokens=10**6)))
+
+
+def unpaced_engine(seed: int = 0, reply_tokens: tuple[int, int] = (20, 80)) -> SimulatedEngine:
+    return SimulatedEngine(UNPACED, reply_tokens=reply_tokens, seed=seed)
+
+
+# --- tokenizer -------------------------------------------------------------
+
+
+@given(st.text())
+def test_tokenize_concatenation_is_exactly_the_input(text: str) -> None:
+    tokens = tokenize(text)
+    assert "".join(tokens) == text
+    assert all(tokens)  # no empty tokens
+
+
+def test_tokenize_splits_words_punctuation_and_long_words() -> None:
+    assert tokenize("hello, world") == ["hello", ",", " world"]
+    assert tokenize("internationalization") == ["internat", "ionaliza", "tion"]
+    assert tokenize("") == []
+    assert tokenize("  ") == ["  "]
+
+
+def test_count_prompt_tokens_adds_per_message_overhead() -> None:
+    messages = [msg("user", "hello world", 0), msg("assistant", "hi!", 1), msg("user", "", 2)]
+    per_message_overhead = 4
+    expected = sum(len(tokenize(m.content)) + per_message_overhead for m in messages)
+    assert expected == 2 + 2 + 0 + 3 * per_message_overhead
+    assert count_prompt_tokens(messages) == expected
+    assert count_prompt_tokens([]) == 0
+
+
+# --- timing model ----------------------------------------------------------
+
+
+def test_time_to_first_token_grows_with_prompt_length() -> None:
+    timing = TimingModel(ttft=0.1, prefill_per_token=0.002, token_interval=0.03, jitter=0.0)
+    assert timing.time_to_first_token(0) == pytest.approx(0.1)
+    assert timing.time_to_first_token(50) == pytest.approx(0.1 + 0.002 * 50)
+    ttfts = [timing.time_to_first_token(n) for n in range(0, 1000, 100)]
+    assert ttfts == sorted(ttfts)
+    assert len(set(ttfts)) == len(ttfts)
+
+
+def test_generation_first_token_due_later_for_longer_history() -> None:
+    timing = TimingModel(ttft=0.1, prefill_per_token=0.01, token_interval=0.0, jitter=0.0)
+    engine = SimulatedEngine(timing)
+    short = engine.generate(history("hi"), max_tokens=5)
+    long = engine.generate(history("hi " * 200), max_tokens=5)
+    assert long.prompt_tokens > short.prompt_tokens
+    assert timing.time_to_first_token(long.prompt_tokens) > timing.time_to_first_token(short.prompt_tokens)
+
+
+@given(
+    interval=st.floats(min_value=0.0, max_value=10.0),
+    jitter=st.floats(min_value=0.0, max_value=1.0),
+    seed=st.integers(),
+)
+def test_gap_with_jitter_stays_within_bounds(interval: float, jitter: float, seed: int) -> None:
+    timing = TimingModel(ttft=0.0, prefill_per_token=0.0, token_interval=interval, jitter=jitter)
+    rng = random.Random(seed)
+    low, high = interval * (1 - jitter), interval * (1 + jitter)
+    for _ in range(20):
+        gap = timing.gap(rng)
+        assert low - 1e-12 <= gap <= high + 1e-12
+
+
+def test_gap_without_jitter_is_the_interval() -> None:
+    timing = TimingModel(ttft=0.0, prefill_per_token=0.0, token_interval=0.03, jitter=0.0)
+    rng = random.Random(1)
+    assert {timing.gap(rng) for _ in range(10)} == {0.03}
+
+
+def test_gap_with_jitter_varies() -> None:
+    timing = TimingModel(ttft=0.0, prefill_per_token=0.0, token_interval=0.03, jitter=0.5)
+    rng = random.Random(1)
+    assert len({timing.gap(rng) for _ in range(10)}) > 1
+
+
+def test_zero_timings_are_not_paced() -> None:
+    assert TimingModel(0.0, 0.0, 0.0, 0.0).paced is False
+    assert TimingModel(0.0, 0.0, 0.0, 0.7).paced is False  # jitter of nothing is nothing
+    assert TimingModel(0.001, 0.0, 0.0, 0.0).paced is True
+    assert TimingModel(0.0, 0.001, 0.0, 0.0).paced is True
+    assert TimingModel(0.0, 0.0, 0.001, 0.0).paced is True
+
+
+def test_timing_model_from_settings_converts_milliseconds() -> None:
+    settings = Settings(
+        _env_file=None,
+        sim_ttft_ms=250.0,
+        sim_prefill_ms_per_token=2.0,
+        sim_token_interval_ms=40.0,
+        sim_jitter=0.1,
+    )
+    timing = TimingModel.from_settings(settings)
+    assert timing.ttft == pytest.approx(0.25)
+    assert timing.prefill_per_token == pytest.approx(0.002)
+    assert timing.token_interval == pytest.approx(0.04)
+    assert timing.jitter == pytest.approx(0.1)
+
+
+def test_engine_from_settings() -> None:
+    settings = Settings(_env_file=None, sim_reply_tokens_min=5, sim_reply_tokens_max=9, sim_seed=42)
+    engine = SimulatedEngine.from_settings(settings)
+    assert engine.reply_tokens == (5, 9)
+    assert engine.seed == 42
+    assert engine.timing == TimingModel.from_settings(settings)
+
+
+@pytest.mark.parametrize("reply_tokens", [(0, 5), (10, 5), (-1, 1)])
+def test_engine_rejects_bad_reply_token_range(reply_tokens: tuple[int, int]) -> None:
+    with pytest.raises(ValueError, match="reply_tokens"):
+        SimulatedEngine(reply_tokens=reply_tokens)
+
+
+# --- the computed schedule (a fake loop clock; nothing really sleeps) ----------
+
+
+class FakeLoop:
+    """Stands in for ``asyncio`` inside chatsse.engine: a clock that sleep advances."""
+
+    def __init__(self, start: float = 100.0, late: float = 0.0) -> None:
+        self.now = start
+        self.late = late  # how much every sleep oversleeps
+        self.sleeps: list[float] = []
+
+    def time(self) -> float:
+        return self.now
+
+    async def sleep(self, delay: float) -> None:
+        self.sleeps.append(delay)
+        self.now += delay + self.late
+
+
+def install(monkeypatch: pytest.MonkeyPatch, loop: FakeLoop) -> FakeLoop:
+    fake_asyncio = SimpleNamespace(get_running_loop=lambda: loop, sleep=loop.sleep)
+    monkeypatch.setattr(engine_module, "asyncio", fake_asyncio)
+    return loop
+
+
+@pytest.fixture
+def fake_loop(monkeypatch: pytest.MonkeyPatch) -> FakeLoop:
+    return install(monkeypatch, FakeLoop())
+
+
+def release_times(gen: SimulatedGeneration, loop: FakeLoop) -> list[float]:
+    """Iterate ``gen`` on the fake loop; the fake clock reading when each token is released."""
+    times: list[float] = []
+    while True:
+        try:
+            step(gen.__anext__())
+        except StopAsyncIteration:
+            return times
+        times.append(loop.now)
+
+
+def test_schedule_without_jitter(fake_loop: FakeLoop) -> None:
+    timing = TimingModel(ttft=0.05, prefill_per_token=0.001, token_interval=0.02, jitter=0.0)
+    gen = SimulatedGeneration(
+        ["a", "b", "c", "d"],
+        prompt_tokens=30,
+        final_reason="stop",
+        timing=timing,
+        rng=random.Random(0),
+    )
+    start = fake_loop.now
+    times = release_times(gen, fake_loop)
+    ttft = 0.05 + 0.001 * 30
+    assert times == pytest.approx([start + ttft + 0.02 * i for i in range(4)])
+    assert fake_loop.sleeps == pytest.approx([ttft, 0.02, 0.02, 0.02])
+
+
+def test_schedule_with_seeded_jitter_follows_the_formula(fake_loop: FakeLoop) -> None:
+    interval, jitter, seed = 0.02, 0.5, 7
+    timing = TimingModel(ttft=0.1, prefill_per_token=0.0, token_interval=interval, jitter=jitter)
+    gen = SimulatedGeneration(
+        list("abcdef"),
+        prompt_tokens=3,
+        final_reason="stop",
+        timing=timing,
+        rng=random.Random(seed),
+    )
+    expected_rng = random.Random(seed)
+    gaps = [interval * (1 + jitter * expected_rng.uniform(-1.0, 1.0)) for _ in range(5)]
+    start = fake_loop.now
+    times = release_times(gen, fake_loop)
+    expected = [start + 0.1]
+    for gap in gaps:
+        expected.append(expected[-1] + gap)
+    assert times == pytest.approx(expected)
+    assert len(set(fake_loop.sleeps)) > 1
+
+
+def test_late_loop_catches_up_instead_of_drifting(fake_loop: FakeLoop) -> None:
+    # Every sleep oversleeps by 2.5 token intervals: deadlines are absolute, so tokens
+    # whose deadline has passed are released at once and lateness does not accumulate.
+    fake_loop.late = 0.05
+    timing = TimingModel(ttft=0.1, prefill_per_token=0.0, token_interval=0.02, jitter=0.0)
+    gen = SimulatedGeneration(
+        list("abcdefgh"), prompt_tokens=0, final_reason="stop", timing=timing, rng=random.Random()
+    )
+    start = fake_loop.now
+    times = release_times(gen, fake_loop)
+    deadlines = [start + 0.1 + 0.02 * i for i in range(8)]
+    assert len(times) == 8
+    for released, due in zip(times, deadlines, strict=True):
+        assert due - 1e-9 <= released <= due + fake_loop.late + 1e-9
+    assert len(fake_loop.sleeps) < 8  # some tokens were already due: no sleep for them
+
+
+def test_zero_timings_generate_without_sleeping() -> None:
+    # ``step`` drives each __anext__ with no event loop: any sleep would suspend and fail.
+    gen = unpaced_engine().generate(history(QUESTION), max_tokens=10**6)
+    tokens = drain(gen)
+    assert tokens
+    assert gen.finish_reason == "stop"
+
+
+def test_zero_timings_never_call_asyncio_sleep(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def no_sleep(delay: float) -> None:
+        raise AssertionError(f"slept {delay}")
+
+    fake_asyncio = SimpleNamespace(get_running_loop=lambda: FakeLoop(), sleep=no_sleep)
+    monkeypatch.setattr(engine_module, "asyncio", fake_asyncio)
+    gen = unpaced_engine().generate(history(QUESTION), max_tokens=10**6)
+    assert drain(gen)
+
+
+# --- the simulated engine's replies ------------------------------------------
+
+
+def test_same_seed_and_history_give_the_same_reply() -> None:
+    messages = history("What is backpressure?", "It is flow control.", "And in SSE?")
+    first = unpaced_engine(seed=3).generate(messages, max_tokens=10**6)
+    second = unpaced_engine(seed=3).generate(messages, max_tokens=10**6)
+    assert drain(first) == drain(second)
+
+
+def test_same_seed_and_history_give_the_same_jittered_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
+    timing = TimingModel(ttft=0.05, prefill_per_token=0.001, token_interval=0.02, jitter=0.8)
+    schedules = []
+    for _ in range(2):
+        loop = install(monkeypatch, FakeLoop())
+        gen = SimulatedEngine(timing, seed=11).generate(history(QUESTION), max_tokens=10**6)
+        release_times(gen, loop)
+        schedules.append(loop.sleeps)
+    assert schedules[0] == schedules[1]
+    assert len(set(schedules[0][1:])) > 1
+
+
+def test_other_seed_gives_another_reply() -> None:
+    messages = history(QUESTION)
+    assert reply(unpaced_engine(seed=0), messages) != reply(unpaced_engine(seed=1), messages)
+
+
+def test_other_history_gives_another_reply() -> None:
+    engine = unpaced_engine(seed=0)
+    assert reply(engine, history("Tell me about caching")) != reply(engine, history("Tell me about sharding"))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_reply_quotes_the_last_user_message(seed: int) -> None:
+    messages = history("Explain websockets", "They are sockets.", "  How   do\nI stream\ttokens?  ")
+    text = reply(unpaced_engine(seed=seed), messages)
+    assert '"How do I stream tokens?"' in text  # whitespace flattened
+
+
+def test_reply_quotes_a_long_message_truncated() -> None:
+    long = "word " * 40
+    flat = " ".join(long.split())
+    assert len(flat) > 60
+    text = reply(unpaced_engine(), history(long))
+    assert f'"{flat[:57].rstrip()}..."' in text
+    assert flat not in text
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_multi_turn_reply_refers_back_to_the_previous_topic(seed: int) -> None:
+    engine = unpaced_engine(seed=seed)
+    earlier = "Tell me about websockets"  # only non-stopword: "websockets"
+    last = "What about compression?"
+    multi = reply(engine, history(earlier, "Sure.", last))
+    single = reply(engine, history(last))
+    assert "websockets" in multi
+    assert any(phrase in multi for phrase in ("earlier", "from before", "already covered"))
+    assert "websockets" not in single
+
+
+@settings(max_examples=200)
+@given(
+    seed=st.integers(min_value=0, max_value=10**6),
+    low=st.integers(min_value=1, max_value=120),
+    extra=st.integers(min_value=0, max_value=60),
+)
+def test_reply_has_at_least_min_tokens(seed: int, low: int, extra: int) -> None:
+    # compose() draws a target in [min, max] and appends sentences until it is reached.
+    engine = unpaced_engine(seed=seed, reply_tokens=(low, low + extra))
+    tokens = tokenize(reply(engine, history(QUESTION)))
+    assert len(tokens) >= low
+
+
+@settings(max_examples=200)
+@given(
+    seed=st.integers(min_value=0, max_value=10**6),
+    low=st.integers(min_value=1, max_value=120),
+    extra=st.integers(min_value=0, max_value=60),
+)
+def test_reply_exceeds_max_tokens_by_at_most_one_sentence(seed: int, low: int, extra: int) -> None:
+    # Without its last sentence the reply is still below the target (<= max): the
+    # sentence that reached the target is the only overshoot.
+    high = low + extra
+    text = reply(unpaced_engine(seed=seed, reply_tokens=(low, high)), history(QUESTION))
+    assert text.endswith(".")
+    head, _, _last_sentence = text[:-1].rpartition(". ")  # QUESTION holds no ". "
+    assert len(tokenize(head + "." if head else "")) < high
+
+
+def test_max_tokens_cuts_the_reply_with_finish_reason_length() -> None:
+    engine = unpaced_engine()
+    messages = history(QUESTION)
+    full = drain(engine.generate(messages, max_tokens=10**6))
+    assert len(full) > 5
+    cut = engine.generate(messages, max_tokens=5)
+    assert drain(cut) == full[:5]
+    assert cut.finish_reason == "length"
+    assert cut.completion_tokens == 5
+
+    one_short = engine.generate(messages, max_tokens=len(full) - 1)
+    assert drain(one_short) == full[:-1]
+    assert one_short.finish_reason == "length"
+
+
+def test_reply_within_max_tokens_has_finish_reason_stop() -> None:
+    engine = unpaced_engine()
+    messages = history(QUESTION)
+    full = drain(engine.generate(messages, max_tokens=10**6))
+    exact = engine.generate(messages, max_tokens=len(full))
+    assert drain(exact) == full
+    assert exact.finish_reason == "stop"
+
+
+def test_finish_reason_is_none_until_iteration_ends_and_tokens_are_counted() -> None:
+    messages = history(QUESTION)
+    gen = unpaced_engine().generate(messages, max_tokens=10**6)
+    assert isinstance(gen, Generation)
+    assert gen.prompt_tokens == count_prompt_tokens(messages)
+    assert gen.completion_tokens == 0
+    assert gen.finish_reason is None
+    yielded = 0
+    while True:
+        try:
+            step(gen.__anext__())
+        except StopAsyncIteration:
+            break
+        yielded += 1
+        assert gen.completion_tokens == yielded
+        assert gen.finish_reason is None
+    assert yielded > 0
+    assert gen.finish_reason == "stop"
+    assert gen.completion_tokens == yielded
+    with pytest.raises(StopAsyncIteration):
+        step(gen.__anext__())
+    assert gen.completion_tokens == yielded
+
+
+# --- live (real event loop) ----------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_live_pacing_takes_at_least_ttft_plus_gaps() -> None:
+    timing = TimingModel(ttft=0.05, prefill_per_token=0.0, token_interval=0.02, jitter=0.0)
+    gen = SimulatedGeneration(
+        ["a", "b", "c"], prompt_tokens=10, final_reason="stop", timing=timing, rng=random.Random(0)
+    )
+    loop = asyncio.get_running_loop()
+    started_loop, started_wall = loop.time(), time.monotonic()
+    tokens = [token async for token in gen]
+    assert tokens == ["a", "b", "c"]
+    # ttft + 2 gaps = 0.09 s; only a lower bound (a busy machine may be slower).
+    assert loop.time() - started_loop >= 0.09 - 0.002
+    assert time.monotonic() - started_wall >= 0.09 - 0.002
+    assert gen.finish_reason == "stop"
+
+
+@pytest.mark.anyio
+async def test_aclose_stops_iteration() -> None:
+    gen = unpaced_engine().generate(history(QUESTION), max_tokens=10**6)
+    first = [await gen.__anext__(), await gen.__anext__()]
+    assert all(first)
+    await gen.aclose()
+    assert [token async for token in gen] == []
+    with pytest.raises(StopAsyncIteration):
+        await gen.__anext__()
+    assert gen.completion_tokens == 2
+
+
+@pytest.mark.anyio
+async def test_aclose_does_not_report_a_normal_finish() -> None:
+    # Generation's contract: finish_reason "is set once iteration ends normally".
+    # A reply closed after 2 tokens did not stop normally.
+    gen = unpaced_engine().generate(history(QUESTION), max_tokens=10**6)
+    await gen.__anext__()
+    await gen.__anext__()
+    await gen.aclose()
+    assert [token async for token in gen] == []
+    assert gen.finish_reason is None
+
+
+@pytest.mark.anyio
+async def test_engine_aclose() -> None:
+    engine = unpaced_engine()
+    await engine.aclose()
+    assert reply(engine, history(QUESTION))  # the simulated engine holds no resources
