@@ -24,10 +24,10 @@ $(STAMP): pyproject.toml uv.lock | $(UV)
 
 install: $(STAMP) ## create .venv with the locked dependencies
 
-run: $(STAMP) ## serve the chat page and API on http://127.0.0.1:8000
-	$(BIN)/chatsse serve
+run: $(STAMP) ## serve on http://127.0.0.1:8000 under gunicorn (CHATSSE_WORKERS uvicorn workers)
+	./scripts/start.sh
 
-run-dev: $(STAMP) ## serve with auto-reload on code changes
+run-dev: $(STAMP) ## one uvicorn process with auto-reload on code changes
 	$(BIN)/chatsse serve --reload
 
 test: $(STAMP) ## run the test suite

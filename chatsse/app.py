@@ -6,7 +6,9 @@ one process.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 from importlib.resources import files
 from typing import Annotated, Any
 
+import anyio
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response
@@ -30,7 +33,6 @@ from chatsse.conversations import (
     ConversationManager,
     ConversationNotFound,
     ConversationStore,
-    MemoryStore,
 )
 from chatsse.engine import Engine, SimulatedEngine
 from chatsse.logs import configure_logging
@@ -39,6 +41,7 @@ from chatsse.middleware import SCOPE_ARRIVED, SCOPE_LOG_FIELDS, RequestContextMi
 from chatsse.models import ChatRequest, ConversationInfo, ConversationList, ConversationOut, MessageOut
 from chatsse.settings import Settings, load_settings
 from chatsse.sse import EventStreamResponse
+from chatsse.stores import open_store
 
 ERROR_STATUS: dict[type[ConversationError], int] = {
     ConversationNotFound: 404,
@@ -66,6 +69,19 @@ class ServerState:
     metrics: Metrics
     started_at: float = field(default_factory=time.time)
     open_streams: int = 0
+    draining: anyio.Event | None = None  # made in the server's event loop at start-up
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def drain(self) -> None:
+        """Begin a graceful shutdown: refuse new chats, give open streams the grace period.
+        Safe to call from any thread."""
+        loop, draining = self.loop, self.draining
+        if loop is None or draining is None or draining.is_set():
+            return
+        if _running_loop() is loop:
+            draining.set()
+        else:
+            loop.call_soon_threadsafe(draining.set)
 
     def reserve_stream(self) -> None:
         self.open_streams += 1
@@ -74,6 +90,29 @@ class ServerState:
     def release_stream(self) -> None:
         self.open_streams -= 1
         self.metrics.open_streams.dec()
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+async def _watch_uvicorn_exit(state: ServerState) -> None:
+    """Drain when the uvicorn server running this app starts to exit (SIGTERM, SIGINT).
+
+    uvicorn does not tell the app it is shutting down until every connection has closed,
+    which a stream never does by itself. Its signal handler is a bound method of the server,
+    so the server (and its ``should_exit``) can be found from the handler, per process and
+    per server (unlike sse-starlette's process-global flag)."""
+    while True:
+        handler = signal.getsignal(signal.SIGTERM)
+        server = getattr(handler, "__self__", None)
+        if getattr(server, "should_exit", False):
+            state.drain()
+            return
+        await anyio.sleep(0.2)
 
 
 def get_state(request: Request) -> ServerState:
@@ -99,11 +138,14 @@ def create_app(
     settings = settings or load_settings()
     configure_logging(settings.log_level, settings.log_format)
     engine = engine or SimulatedEngine.from_settings(settings)
-    store = store or MemoryStore(
-        ttl=settings.conversation_ttl,
-        max_conversations=settings.max_conversations,
-        max_messages=settings.max_conversation_messages,
-    )
+    if store is None:
+        store = open_store(
+            settings.store,
+            ttl=settings.conversation_ttl,
+            max_conversations=settings.max_conversations,
+            max_messages=settings.max_conversation_messages,
+            lock_ttl=settings.lock_ttl,
+        )
     metrics = Metrics()
     state = ServerState(
         settings=settings,
@@ -114,12 +156,20 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
-        await engine.aclose()
-        await store.close()
+        state.loop = asyncio.get_running_loop()
+        state.draining = anyio.Event()
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(_watch_uvicorn_exit, state)
+            try:
+                yield
+            finally:
+                tasks.cancel_scope.cancel()
+                await engine.aclose()
+                await store.close()
 
     app = FastAPI(title="chatsse", version=__version__, debug=settings.debug, lifespan=lifespan)
     app.state.chatsse = state
+    app.state.drain = state.drain  # the hook InProcessServer.stop() calls
     _add_error_handlers(app)
     _add_routes(app, settings)
     if settings.cors_origins:
@@ -197,6 +247,9 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
             raise ApiError(
                 413, "message_too_large", f"message is {size} bytes; the limit is {s.max_message_size}"
             )
+        if state.draining is not None and state.draining.is_set():
+            state.metrics.rejections.labels("shutting_down").inc()
+            raise ApiError(503, "shutting_down", "the server is shutting down", headers={"Retry-After": "1"})
         if state.open_streams >= s.max_concurrent_connections:
             state.metrics.rejections.labels("server_busy").inc()
             limit = s.max_concurrent_connections
@@ -225,7 +278,13 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
             release=state.release_stream,
         )
         return EventStreamResponse(
-            stream, ping=s.sse_keepalive_interval, on_close=stream.close, headers={"X-Accel-Buffering": "no"}
+            stream,
+            ping=s.sse_keepalive_interval,
+            on_close=stream.close,
+            headers={"X-Accel-Buffering": "no"},
+            draining=state.draining,
+            grace_period=s.shutdown_grace_period,
+            on_shutdown=stream.shutdown,
         )
 
     @app.post("/conversations", status_code=201)

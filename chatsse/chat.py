@@ -11,7 +11,8 @@ The flow of one ``POST /chat`` (see README, "Protocol")::
 
 Every turn stores exactly one assistant message: the text the server sent, with a
 finish reason of ``stop`` or ``length`` (complete), ``interrupted`` (client disconnected),
-``timeout`` (``CHATSSE_REQUEST_TIMEOUT`` passed) or ``error`` (the engine failed).
+``timeout`` (``CHATSSE_REQUEST_TIMEOUT`` passed), ``shutdown`` (the server stopped before
+the reply finished, after ``CHATSSE_SHUTDOWN_GRACE_PERIOD``) or ``error`` (the engine failed).
 """
 
 from __future__ import annotations
@@ -148,11 +149,19 @@ class ChatStream:
             await emit(self.encoder.event("error", data))
 
     async def _finish(self, content: str, reason: FinishReason) -> Message | None:
-        """Store the reply once; later calls do nothing."""
+        """Store the reply once; later calls do nothing. Shielded: a cancellation arriving
+        mid-write must not leave the turn half-stored."""
         if self.finish_reason is not None:
             return None
         self.finish_reason = reason
-        return await self.manager.finish_turn(self.turn, content, reason)
+        with anyio.CancelScope(shield=True):
+            reply = await self.manager.finish_turn(self.turn, content, reason)
+        return reply
+
+    async def shutdown(self, emit: Emit) -> None:
+        """The server is stopping and the grace period is over: store what was sent and
+        tell the client to reconnect elsewhere."""
+        await self._fail("shutdown", "the server is shutting down; retry the message", emit)
 
     async def close(self) -> None:
         """Called once when the response ends, however it ends."""

@@ -168,9 +168,9 @@ _OPENINGS = (
     'On "{quote}" - here is how I see it.',
 )
 _FOLLOW_UPS = (
-    "Building on what we said earlier about {earlier},",
-    "Coming back to {earlier} from before,",
-    "Since we already covered {earlier},",
+    "Building on what we said earlier about {earlier}, let me add a little more.",
+    "Coming back to {earlier} from before: most of it still applies here.",
+    "Since we already covered {earlier}, I will build on that.",
 )
 _SENTENCES = (
     "The short answer is that {topic} depends on what you measure and when you measure it.",
@@ -187,48 +187,9 @@ _SENTENCES = (
     "There is rarely one right answer for {topic}, but there are many wrong ones.",
 )
 _STOPWORDS = frozenset(
-    [
-        "a",
-        "an",
-        "and",
-        "are",
-        "about",
-        "can",
-        "could",
-        "does",
-        "for",
-        "from",
-        "have",
-        "how",
-        "into",
-        "is",
-        "it",
-        "its",
-        "me",
-        "my",
-        "of",
-        "on",
-        "or",
-        "please",
-        "should",
-        "tell",
-        "that",
-        "the",
-        "this",
-        "to",
-        "was",
-        "what",
-        "when",
-        "where",
-        "which",
-        "who",
-        "why",
-        "will",
-        "with",
-        "would",
-        "you",
-        "your",
-    ]
+    """a an and are about at be but can could did do does for from have how i if in into is it its
+    me my of on or our please should so tell than that the them then there these they this to
+    under was we were what when where which while who why will with would you your""".split()
 )
 
 
@@ -238,12 +199,16 @@ def _quote(text: str, limit: int = 60) -> str:
 
 
 def _topic(text: str) -> str:
-    words = [w for w in re.findall(r"[A-Za-z][A-Za-z0-9'-]+", text) if w.lower() not in _STOPWORDS]
-    if not words:
-        return "this"
-    longest = sorted(words, key=len, reverse=True)[:2]
-    ordered = [w for w in words if w in longest][:2]
-    return " ".join(dict.fromkeys(w.lower() for w in ordered))
+    """A guess at what a message is about: its longest run of consecutive content words
+    (at most two of them), e.g. "SSE streams" in "How do SSE streams behave under load?"."""
+    runs: list[list[str]] = [[]]
+    for word in re.findall(r"[A-Za-z][A-Za-z0-9'-]*", text):
+        if word.lower() in _STOPWORDS or len(word) < 2:
+            runs.append([])
+        else:
+            runs[-1].append(word)
+    best = max(runs, key=lambda run: sum(map(len, run)))
+    return " ".join(best[:2]) if best else "this"
 
 
 class SimulatedEngine:

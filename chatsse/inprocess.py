@@ -103,6 +103,9 @@ class InProcessServer:
         server, thread = self._server, self._thread
         if server is None or thread is None:
             return
+        drain = getattr(getattr(self.app, "state", None), "drain", None)
+        if callable(drain):
+            drain()  # chatsse apps end their streams with a shutdown event
         server.should_exit = True
         thread.join(timeout if timeout is not None else self.graceful_timeout + 5)
         if thread.is_alive():

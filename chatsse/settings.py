@@ -7,6 +7,7 @@ Every field is read from an environment variable named ``CHATSSE_<FIELD>`` (or f
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -36,6 +37,11 @@ class Settings(BaseSettings):
     log_format: Literal["json", "console"] = "console"
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     cors_allow_credentials: bool = False
+
+    # Serving
+    store: str = Field("memory", min_length=1)
+    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256)
+    shutdown_grace_period: float = Field(10.0, ge=0, le=3600)
 
     # Streaming
     sse_keepalive_interval: float = Field(15.0, gt=0, le=3600)
@@ -73,6 +79,18 @@ class Settings(BaseSettings):
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
 
+    @field_validator("store")
+    @classmethod
+    def _check_store(cls, value: str) -> str:
+        if value == "memory" or value.startswith(("redis://", "rediss://")):
+            return value
+        if value.startswith("sqlite:///") and len(value) > len("sqlite:///"):
+            return value
+        raise ValueError(
+            "expected 'memory', 'sqlite:///relative/path.db', 'sqlite:////absolute/path.db' "
+            "or 'redis://host:port/db'"
+        )
+
     @model_validator(mode="after")
     def _check_combinations(self) -> Settings:
         if self.cors_allow_credentials and "*" in self.cors_origins:
@@ -83,6 +101,11 @@ class Settings(BaseSettings):
         if self.sim_reply_tokens_min > self.sim_reply_tokens_max:
             raise ValueError("CHATSSE_SIM_REPLY_TOKENS_MIN must not exceed CHATSSE_SIM_REPLY_TOKENS_MAX")
         return self
+
+    @property
+    def lock_ttl(self) -> float:
+        """How long a turn lock outlives a worker that died holding it."""
+        return self.request_timeout + self.shutdown_grace_period + 30
 
 
 def env_name(field: str) -> str:

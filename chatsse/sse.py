@@ -25,6 +25,10 @@ structure (keepalive pings, the disconnect listener, the shutdown watcher) but r
    one deadline per stream (``CHATSSE_REQUEST_TIMEOUT``) instead.
 3. The producer is a plain coroutine, not an async generator, so a deadline can wrap the
    whole stream without yielding across a cancel scope.
+4. Shutdown is per app, not per process: sse-starlette's exit watcher reads a process-global
+   flag that is never reset, so after one server in a process has shut down, every stream of
+   the next one would end at once. chatsse's streams watch their own app's ``draining``
+   event instead, and end with a final event rather than a silent cut.
 
 This overrides a private method, so the sse-starlette version is pinned to one major
 release in ``pyproject.toml``; ``tests/test_sse.py`` checks the behaviour it relies on.
@@ -36,6 +40,7 @@ import json
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+import anyio
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.types import Receive, Scope, Send
 
@@ -107,7 +112,13 @@ def _keepalive() -> ServerSentEvent:
 
 
 class EventStreamResponse(EventSourceResponse):
-    """An sse-starlette response whose body is written by ``producer(emit)``."""
+    """An sse-starlette response whose body is written by ``producer(emit)``.
+
+    Shutdown: when ``draining`` is set, the stream may run on for ``grace_period`` seconds;
+    if it has not finished by then, the producer is cancelled and ``on_shutdown(emit)``
+    writes the stream's last event. sse-starlette's own exit watcher (a process-global flag
+    that, once set, ends every later stream in the process too) is not used.
+    """
 
     def __init__(
         self,
@@ -116,6 +127,9 @@ class EventStreamResponse(EventSourceResponse):
         headers: Mapping[str, str] | None = None,
         ping: float = 15.0,
         on_close: Callable[[], Awaitable[None]] | None = None,
+        draining: anyio.Event | None = None,
+        grace_period: float = 0.0,
+        on_shutdown: Callable[[Emit], Awaitable[None]] | None = None,
     ) -> None:
         super().__init__(
             _NoBody(),
@@ -126,6 +140,11 @@ class EventStreamResponse(EventSourceResponse):
         )
         self._producer = producer
         self._on_close = on_close
+        self._draining = draining
+        self._grace_period = grace_period
+        self._on_shutdown = on_shutdown
+        self._producer_scope = anyio.CancelScope()
+        self._produced = anyio.Event()
 
     async def _stream_response(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
@@ -133,10 +152,26 @@ class EventStreamResponse(EventSourceResponse):
         async def emit(chunk: bytes) -> None:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
 
-        await self._producer(emit)
+        with self._producer_scope:
+            await self._producer(emit)
+        self._produced.set()
+        if self._producer_scope.cancelled_caught and self._on_shutdown is not None:
+            await self._on_shutdown(emit)
         async with self._send_lock:
             self.active = False
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _listen_for_exit_signal_with_grace(self) -> None:
+        if self._draining is None:
+            await anyio.sleep_forever()
+            return
+        await self._draining.wait()
+        with anyio.move_on_after(self._grace_period):
+            await self._produced.wait()
+        if not self._produced.is_set():
+            self._producer_scope.cancel()
+        # Returning would cancel the whole response; _stream_response ends it instead.
+        await anyio.sleep_forever()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:

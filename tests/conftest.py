@@ -16,6 +16,7 @@ FAST = {
     "sim_token_interval_ms": 0.5,
     "sim_jitter": 0.0,
     "log_level": "warning",
+    "shutdown_grace_period": 0.5,
 }
 
 Serve = Callable[..., InProcessServer]

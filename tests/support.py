@@ -124,3 +124,20 @@ def metric_value(text: str, name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return float(sample.value)
     return 0.0
+
+
+def require_binary(name: str, install: str) -> str:
+    """The path of a program a test needs. Without it the test skips, naming the program,
+    except under ``CHATSSE_REQUIRE_BINARIES=1`` (CI), where a missing program fails."""
+    import os
+    import shutil
+
+    import pytest
+
+    path = shutil.which(name)
+    if path is None:
+        reason = f"{name} not installed ({install})"
+        if os.environ.get("CHATSSE_REQUIRE_BINARIES") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return path

@@ -1,0 +1,109 @@
+"""Graceful shutdown of in-process servers: streams end with a shutdown event, and one
+server's shutdown never ends another server's streams."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+from conftest import Serve
+from support import chat
+
+SLOW = {
+    "sim_ttft_ms": 0,
+    "sim_token_interval_ms": 50,
+    "sim_reply_tokens_min": 400,
+    "sim_reply_tokens_max": 400,
+}
+
+
+def _read_stream(url: str, body: dict[str, object], out: dict[str, object]) -> None:
+    """Read one /chat stream to its end, keeping the raw bytes and when it ended."""
+    with httpx.Client(base_url=url, timeout=30) as client, client.stream("POST", "/chat", json=body) as r:
+        raw = b""
+        for chunk in r.iter_bytes():
+            raw += chunk
+    out["raw"] = raw
+    out["ended"] = time.monotonic()
+
+
+def _events(raw: bytes) -> list[tuple[str, dict[str, object]]]:
+    events = []
+    for block in raw.decode().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if line and not line.startswith(":"))
+        if "event" in fields:
+            events.append((fields["event"], json.loads(fields["data"])))
+    return events
+
+
+def test_stop_ends_open_streams_with_a_shutdown_event_after_the_grace_period(serve: Serve) -> None:
+    server = serve(shutdown_grace_period=0.5, **SLOW)
+    results: list[dict[str, object]] = [{} for _ in range(3)]
+    threads = [
+        threading.Thread(target=_read_stream, args=(server.url, {"message": f"long {i}"}, results[i]))
+        for i in range(3)
+    ]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)  # the streams are open and sending
+    stopping = time.monotonic()
+    server.stop()
+    for t in threads:
+        t.join(10)
+    for result in results:
+        events = _events(result["raw"])  # type: ignore[arg-type]
+        assert events[0][0] == "connected"
+        assert events[-1][0] == "error"
+        assert events[-1][1]["type"] == "shutdown"
+        assert "completed" not in [name for name, _ in events]
+        ended = result["ended"]
+        assert isinstance(ended, float)
+        assert ended - stopping >= 0.4  # the grace period was given
+
+
+def test_a_stream_that_finishes_within_the_grace_period_completes(serve: Serve) -> None:
+    server = serve(
+        shutdown_grace_period=5,
+        sim_ttft_ms=0,
+        sim_token_interval_ms=20,
+        sim_reply_tokens_min=40,
+        sim_reply_tokens_max=40,
+    )
+    result: dict[str, object] = {}
+    thread = threading.Thread(target=_read_stream, args=(server.url, {"message": "short"}, result))
+    thread.start()
+    time.sleep(0.2)
+    server.stop()
+    thread.join(10)
+    events = _events(result["raw"])  # type: ignore[arg-type]
+    assert events[-1][0] == "completed"
+
+
+def test_new_chats_are_refused_while_draining(serve: Serve) -> None:
+    server = serve(shutdown_grace_period=2, **SLOW)
+    server.app.state.drain()  # type: ignore[attr-defined]  # what stop() does first
+    with httpx.Client(base_url=server.url) as client:
+        refused = client.post("/chat", json={"message": "too late"})
+        assert client.get("/health").status_code == 200
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["type"] == "shutting_down"
+
+
+def test_a_server_started_after_another_stopped_streams_normally(serve: Serve) -> None:
+    first = serve(shutdown_grace_period=0.2, **SLOW)
+    result: dict[str, object] = {}
+    thread = threading.Thread(target=_read_stream, args=(first.url, {"message": "x"}, result))
+    thread.start()
+    time.sleep(0.3)
+    first.stop()
+    thread.join(10)
+    assert _events(result["raw"])[-1][1]["type"] == "shutdown"  # type: ignore[arg-type]
+
+    second = serve(sim_ttft_ms=0, sim_token_interval_ms=30, sim_reply_tokens_min=30, sim_reply_tokens_max=30)
+    with httpx.Client(base_url=second.url) as client:
+        reply = chat(client, "are you still streaming?")
+    assert reply.events[-1].event == "completed"
+    assert len(reply.deltas) >= 30
