@@ -9,7 +9,10 @@ BIN := $(VENV)/bin
 export UV_PYTHON_DOWNLOADS := never
 
 .DEFAULT_GOAL := help
-.PHONY: help install run run-dev test lint format type-check check-all bench lock clean
+KERNEL := $(VENV)/share/jupyter/kernels/chatsse/kernel.json
+NOTEBOOKS := $(wildcard notebooks/*.ipynb)
+
+.PHONY: help install run run-dev test lint format type-check check-all bench lab notebooks-html lock clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -22,7 +25,10 @@ $(STAMP): pyproject.toml uv.lock | $(UV)
 	$(UV) sync --frozen --python $(PYTHON)
 	@touch $@
 
-install: $(STAMP) ## create .venv with the locked dependencies
+$(KERNEL): $(STAMP)
+	$(BIN)/python -m ipykernel install --sys-prefix --name chatsse --display-name "chatsse (.venv)" >/dev/null
+
+install: $(STAMP) $(KERNEL) ## create .venv with the locked dependencies and its Jupyter kernel
 
 run: $(STAMP) ## serve on http://127.0.0.1:8000 under gunicorn (CHATSSE_WORKERS uvicorn workers)
 	./scripts/start.sh
@@ -30,12 +36,13 @@ run: $(STAMP) ## serve on http://127.0.0.1:8000 under gunicorn (CHATSSE_WORKERS 
 run-dev: $(STAMP) ## one uvicorn process with auto-reload on code changes
 	$(BIN)/chatsse serve --reload
 
-test: $(STAMP) ## run the test suite
-	$(BIN)/pytest $(PYTEST_ARGS)
+test: $(STAMP) $(KERNEL) ## run the test suite and every notebook (quick mode)
+	CHATSSE_QUICK=1 $(BIN)/pytest tests notebooks --nbmake --nbmake-timeout=180 $(PYTEST_ARGS)
 
-lint: $(STAMP) ## ruff lint and format check
+lint: $(STAMP) ## ruff lint and format check; notebooks committed without outputs
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/nbstripout --verify $(NOTEBOOKS)
 
 format: $(STAMP) ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix .
@@ -49,8 +56,16 @@ check-all: lint type-check test ## everything CI checks
 bench: $(STAMP) ## server CPU per event, framework by framework
 	$(BIN)/python scripts/bench_sse.py
 
+lab: $(STAMP) $(KERNEL) ## open the workbook in JupyterLab (kernel "chatsse (.venv)")
+	$(BIN)/jupyter lab notebooks/
+
+notebooks-html: $(STAMP) $(KERNEL) ## execute the notebooks into build/notebooks/*.html
+	mkdir -p build/notebooks
+	$(BIN)/jupyter nbconvert --to html --execute --ExecutePreprocessor.timeout=600 \
+		--output-dir build/notebooks $(NOTEBOOKS)
+
 lock: $(UV) ## re-resolve uv.lock after changing dependencies
 	$(UV) lock --python $(PYTHON)
 
 clean: ## remove the environments and caches
-	rm -rf $(VENV) $(TOOLS) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS) build .mypy_cache .pytest_cache .ruff_cache

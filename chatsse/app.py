@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -20,6 +21,7 @@ import anyio
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
@@ -35,7 +37,7 @@ from chatsse.conversations import (
     ConversationStore,
 )
 from chatsse.engine import Engine, SimulatedEngine
-from chatsse.logs import configure_logging
+from chatsse.logs import configure_logging, get_logger
 from chatsse.metrics import Metrics
 from chatsse.middleware import SCOPE_ARRIVED, SCOPE_LOG_FIELDS, RequestContextMiddleware, error_body
 from chatsse.models import ChatRequest, ConversationInfo, ConversationList, ConversationOut, MessageOut
@@ -43,6 +45,7 @@ from chatsse.settings import Settings, load_settings
 from chatsse.sse import EventStreamResponse
 from chatsse.stores import open_store
 
+log = get_logger("chatsse.app")
 ERROR_STATUS: dict[type[ConversationError], int] = {
     ConversationNotFound: 404,
     ConversationBusy: 409,
@@ -204,6 +207,13 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def conversation_error(request: Request, exc: ConversationError) -> Response:
         return _json_error(ERROR_STATUS.get(type(exc), 400), exc.type, str(exc))
 
+    @app.exception_handler(sqlite3.Error)
+    @app.exception_handler(RedisError)
+    async def storage_error(request: Request, exc: Exception) -> Response:
+        log.error("storage_error", error=f"{type(exc).__name__}: {exc}")
+        message = "the conversation store is unavailable"
+        return _json_error(503, "storage_unavailable", message, {"Retry-After": "1"})
+
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
         details = [
@@ -259,7 +269,9 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
             )  # fmt: skip
         state.reserve_stream()
         try:
-            turn = await state.manager.begin_turn(body.conversation_id, body.message)
+            # Shielded: a lock taken in a shared store must not be left behind by a cancellation.
+            with anyio.CancelScope(shield=True):
+                turn = await state.manager.begin_turn(body.conversation_id, body.message)
         except BaseException as exc:
             state.release_stream()
             if isinstance(exc, ConversationError):

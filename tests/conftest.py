@@ -27,9 +27,10 @@ def serve() -> Iterator[Serve]:
     """Start real uvicorn servers on free ports; all are stopped after the test."""
     servers: list[InProcessServer] = []
 
-    def start(*, engine: Any = None, store: Any = None, **overrides: Any) -> InProcessServer:
+    def start(*, engine: Any = None, store_object: Any = None, **overrides: Any) -> InProcessServer:
+        """Settings as keyword arguments; ``engine`` and ``store_object`` replace the defaults."""
         settings = Settings(_env_file=None, **{**FAST, **overrides})  # type: ignore[call-arg]
-        server = InProcessServer(create_app(settings, engine=engine, store=store)).start()
+        server = InProcessServer(create_app(settings, engine=engine, store=store_object)).start()
         servers.append(server)
         return server
 

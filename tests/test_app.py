@@ -99,3 +99,16 @@ def test_cors_allows_only_configured_origins(serve: Serve) -> None:
         assert "access-control-allow-origin" not in other.headers
         streamed = chat(client, "cors stream", max_tokens=2)
         assert streamed.status == 200
+
+
+def test_unreachable_store_answers_503_storage_unavailable(serve: Serve) -> None:
+    from chatsse.processes import free_port
+
+    server = serve(store=f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    with httpx.Client(base_url=server.url) as client:
+        response = client.post("/chat", json={"message": "is anyone there?"})
+        assert response.status_code == 503
+        assert response.json()["error"]["type"] == "storage_unavailable"
+        assert response.headers["retry-after"] == "1"
+        assert client.get("/conversations").status_code == 503
+        assert client.get("/health").json()["open_streams"] == 0
