@@ -11,6 +11,10 @@ Simulated timing model (all settings in milliseconds)::
 Token ``i`` is due at ``start + ttft + sum(gaps)``: deadlines are absolute, as on a real
 server whose decode loop runs at its own pace, so a late event loop catches up rather
 than drifting. All-zero timings produce tokens with no sleeping at all (for benchmarks).
+
+Capacity: with ``SIM_MAX_CONCURRENCY`` = N > 0, at most N replies are generated at once
+per engine (per worker process), like the batch slots of a GPU server; a further request
+waits for a slot before its prefill starts, so its time to first token includes the wait.
 """
 
 from __future__ import annotations
@@ -102,6 +106,8 @@ class SimulatedGeneration:
 
     __slots__ = (
         "_deadline",
+        "_slot",
+        "_slots",
         "_final_reason",
         "_i",
         "_paced",
@@ -122,7 +128,10 @@ class SimulatedGeneration:
         final_reason: CompletionReason,
         timing: TimingModel,
         rng: random.Random,
+        slots: asyncio.Semaphore | None = None,
     ) -> None:
+        self._slots = slots
+        self._slot = False
         self._tokens = tokens
         self._final_reason: CompletionReason | None = final_reason
         self._timing = timing
@@ -142,7 +151,11 @@ class SimulatedGeneration:
         i = self._i
         if i >= len(self._tokens):
             self.finish_reason = self._final_reason
+            self._release()
             raise StopAsyncIteration
+        if i == 0 and self._slots is not None and not self._slot:
+            await self._slots.acquire()
+            self._slot = True
         if self._paced:
             now = asyncio.get_running_loop().time()
             if self._deadline is None:
@@ -159,6 +172,12 @@ class SimulatedGeneration:
         """Stop early: iteration ends and ``finish_reason`` stays None."""
         self._tokens = self._tokens[: self._i]
         self._final_reason = None
+        self._release()
+
+    def _release(self) -> None:
+        if self._slot and self._slots is not None:
+            self._slot = False
+            self._slots.release()
 
 
 _OPENINGS = (
@@ -222,6 +241,7 @@ class SimulatedEngine:
         *,
         reply_tokens: tuple[int, int] = (20, 80),
         seed: int = 0,
+        max_concurrency: int = 0,
     ) -> None:
         low, high = reply_tokens
         if not 1 <= low <= high:
@@ -229,6 +249,8 @@ class SimulatedEngine:
         self.timing = timing or TimingModel()
         self.reply_tokens = reply_tokens
         self.seed = seed
+        self.max_concurrency = max_concurrency
+        self._slots: asyncio.Semaphore | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SimulatedEngine:
@@ -236,6 +258,7 @@ class SimulatedEngine:
             TimingModel.from_settings(settings),
             reply_tokens=(settings.sim_reply_tokens_min, settings.sim_reply_tokens_max),
             seed=settings.sim_seed,
+            max_concurrency=settings.sim_max_concurrency,
         )
 
     def compose(self, messages: Sequence[Message], rng: random.Random) -> str:
@@ -263,12 +286,15 @@ class SimulatedEngine:
         reason: CompletionReason = "stop"
         if len(tokens) > max_tokens:
             tokens, reason = tokens[:max_tokens], "length"
+        if self.max_concurrency and self._slots is None:
+            self._slots = asyncio.Semaphore(self.max_concurrency)
         return SimulatedGeneration(
             tokens,
             prompt_tokens=count_prompt_tokens(messages),
             final_reason=reason,
             timing=self.timing,
             rng=rng,
+            slots=self._slots,
         )
 
     async def aclose(self) -> None:

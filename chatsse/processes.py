@@ -1,4 +1,5 @@
-"""Run chatsse under gunicorn as a child process: start, wait for health, stop, clean up.
+"""Run chatsse as a child process, under gunicorn or a single uvicorn: start, wait for
+health, stop, clean up.
 
 Used by the tests and the notebooks. The child gets its own session, so a Ctrl-C in a
 notebook kernel does not reach it half-way; it is always stopped by :meth:`stop`, by the
@@ -19,12 +20,13 @@ import time
 import weakref
 from pathlib import Path
 from types import TracebackType
+from typing import Any, Self
 
 import httpx
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GUNICORN_CONF = REPO_ROOT / "gunicorn.conf.py"
-_running: weakref.WeakSet[GunicornServer] = weakref.WeakSet()
+_running: weakref.WeakSet[ServerProcess] = weakref.WeakSet()
 
 
 class ServerProcessError(RuntimeError):
@@ -48,18 +50,19 @@ def child_pids(pid: int) -> list[int]:
     return sorted(children)
 
 
-class GunicornServer:
-    """``with GunicornServer(workers=4, store="sqlite:///tmp/c.db") as server: server.url``"""
+class ServerProcess:
+    """A chatsse server in a child process; subclasses say which command runs it."""
+
+    kind = "server"
 
     def __init__(
         self,
         *,
-        workers: int = 2,
+        workers: int = 1,
         store: str | None = None,
         env: dict[str, str] | None = None,
         host: str = "127.0.0.1",
         port: int | None = None,
-        config: Path = GUNICORN_CONF,
         cwd: Path = REPO_ROOT,
         startup_timeout: float = 30.0,
     ) -> None:
@@ -68,11 +71,13 @@ class GunicornServer:
         self.extra_env = env or {}
         self.host = host
         self.port = port
-        self.config = config
         self.cwd = cwd
         self.startup_timeout = startup_timeout
         self.process: subprocess.Popen[bytes] | None = None
-        self._log = tempfile.NamedTemporaryFile(prefix="chatsse-gunicorn-", suffix=".log", delete=False)  # noqa: SIM115
+        self._log = tempfile.NamedTemporaryFile(prefix=f"chatsse-{self.kind}-", suffix=".log", delete=False)  # noqa: SIM115
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
 
     @property
     def url(self) -> str:
@@ -94,13 +99,13 @@ class GunicornServer:
         env.update(self.extra_env)
         return env
 
-    def start(self) -> GunicornServer:
+    def start(self) -> Self:
         if self.process is not None:
             raise ServerProcessError("already started")
         if self.port is None:
             self.port = free_port(self.host)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", str(self.config)],
+            self.command(),
             cwd=self.cwd,
             env=self.environment(),
             stdout=self._log,
@@ -122,7 +127,7 @@ class GunicornServer:
         while time.monotonic() < deadline:
             if self.process is None or self.process.poll() is not None:
                 code = None if self.process is None else self.process.returncode
-                raise ServerProcessError(f"gunicorn exited with code {code}:\n{self.logs()[-3000:]}")
+                raise ServerProcessError(f"{self.kind} exited with code {code}:\n{self.logs()[-3000:]}")
             with contextlib.suppress(httpx.TransportError):
                 if (
                     httpx.get(f"{self.url}/health", timeout=1).status_code == 200
@@ -130,10 +135,11 @@ class GunicornServer:
                 ):
                     return
             time.sleep(0.1)
-        raise ServerProcessError(f"gunicorn not healthy within {timeout} s:\n{self.logs()[-3000:]}")
+        raise ServerProcessError(f"{self.kind} not healthy within {timeout} s:\n{self.logs()[-3000:]}")
 
     def worker_pids(self) -> list[int]:
-        return child_pids(self.pid) if self.process is not None else []
+        """The processes that serve requests."""
+        return [self.pid] if self.process is not None else []
 
     def logs(self) -> str:
         return Path(self._log.name).read_text(errors="replace")
@@ -162,13 +168,49 @@ class GunicornServer:
         with contextlib.suppress(OSError):
             os.unlink(self._log.name)
 
-    def __enter__(self) -> GunicornServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+class GunicornServer(ServerProcess):
+    """``with GunicornServer(workers=4, store="sqlite:///tmp/c.db") as server: server.url``
+
+    ``gunicorn_args`` are added to the command line, where they override gunicorn.conf.py
+    (e.g. ``["--worker-class", "asgi"]`` for gunicorn's own ASGI worker)."""
+
+    kind = "gunicorn"
+
+    def __init__(
+        self,
+        *,
+        workers: int = 2,
+        config: Path = GUNICORN_CONF,
+        gunicorn_args: list[str] | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(workers=workers, **options)
+        self.config = config
+        self.gunicorn_args = gunicorn_args or []
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "gunicorn", "-c", str(self.config), *self.gunicorn_args]
+
+    def worker_pids(self) -> list[int]:
+        return child_pids(self.pid) if self.process is not None else []
+
+
+class UvicornServer(ServerProcess):
+    """One uvicorn process (``chatsse serve``): no process manager, one core."""
+
+    kind = "uvicorn"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "chatsse", "serve", "--host", self.host, "--port", str(self.port)]
 
 
 @atexit.register

@@ -65,6 +65,7 @@ class Settings(BaseSettings):
     sim_reply_tokens_min: int = Field(20, ge=1)
     sim_reply_tokens_max: int = Field(80, ge=1)
     sim_seed: int = 0
+    sim_max_concurrency: int = Field(0, ge=0)
 
     @field_validator("cors_origins", mode="before")
     @classmethod

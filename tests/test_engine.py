@@ -480,3 +480,42 @@ async def test_engine_aclose() -> None:
     engine = unpaced_engine()
     await engine.aclose()
     assert reply(engine, history(QUESTION))  # the simulated engine holds no resources
+
+
+async def _collect(generation: Any, name: str, order: list[str]) -> None:
+    async for _ in generation:
+        order.append(name)
+        await asyncio.sleep(0)
+
+
+@pytest.mark.anyio
+async def test_max_concurrency_makes_a_second_reply_wait_for_a_slot() -> None:
+    engine = SimulatedEngine(TimingModel(0, 0, 0.001, 0), reply_tokens=(5, 5), max_concurrency=1)
+    first = engine.generate(history("first question"), max_tokens=5)
+    second = engine.generate(history("second question"), max_tokens=5)
+    order: list[str] = []
+    await asyncio.gather(_collect(first, "first", order), _collect(second, "second", order))
+    assert order == ["first"] * 5 + ["second"] * 5
+
+
+@pytest.mark.anyio
+async def test_without_a_limit_replies_interleave() -> None:
+    engine = SimulatedEngine(TimingModel(0, 0, 0.001, 0), reply_tokens=(5, 5))
+    order: list[str] = []
+    await asyncio.gather(
+        _collect(engine.generate(history("one"), max_tokens=5), "first", order),
+        _collect(engine.generate(history("two"), max_tokens=5), "second", order),
+    )
+    assert order != ["first"] * 5 + ["second"] * 5
+
+
+@pytest.mark.anyio
+async def test_aclose_gives_the_slot_back() -> None:
+    engine = SimulatedEngine(TimingModel(0, 0, 0.001, 0), reply_tokens=(5, 5), max_concurrency=1)
+    first = engine.generate(history("first question"), max_tokens=5)
+    await first.__anext__()
+    await first.aclose()
+    second = engine.generate(history("second question"), max_tokens=5)
+    order: list[str] = []
+    await asyncio.wait_for(_collect(second, "second", order), 5)  # waits forever if the slot is kept
+    assert order == ["second"] * 5
