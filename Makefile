@@ -12,7 +12,10 @@ export UV_PYTHON_DOWNLOADS := never
 KERNEL := $(VENV)/share/jupyter/kernels/chatsse/kernel.json
 NOTEBOOKS := $(wildcard notebooks/*.ipynb)
 
-.PHONY: help install run run-dev test lint format type-check check-all bench lab notebooks-html lock clean
+URL ?= http://127.0.0.1:8000
+LOAD_ARGS ?= --requests 200 --concurrency 20
+
+.PHONY: help install run run-dev test lint format type-check check-all bench bench-asgi load-test lab notebooks-html lock clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -53,8 +56,14 @@ type-check: $(STAMP) ## mypy --strict on the package
 
 check-all: lint type-check test ## everything CI checks
 
-bench: $(STAMP) ## server CPU per event, framework by framework
+bench: $(STAMP) ## chatsse vs reference SSE servers over sockets: CPU per event and request, memory, streams held
+	$(BIN)/python scripts/bench_server.py --output build/bench.json
+
+bench-asgi: $(STAMP) ## per-event CPU of the response machinery alone, in-process (no sockets)
 	$(BIN)/python scripts/bench_sse.py
+
+load-test: $(STAMP) ## a short load test against a chatsse server it starts (or URL=... LOAD_ARGS=...)
+	$(BIN)/python scripts/run_load_test.py $(if $(filter command line environment,$(origin URL)),$(URL),--serve) $(LOAD_ARGS)
 
 lab: $(STAMP) $(KERNEL) ## open the workbook in JupyterLab (kernel "chatsse (.venv)")
 	$(BIN)/jupyter lab notebooks/

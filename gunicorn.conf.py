@@ -48,6 +48,12 @@ errorlog = "-"
 accesslog = None  # chatsse logs one line per request itself
 
 
+def post_worker_init(worker):  # type: ignore[no-untyped-def]
+    from chatsse.serving import freeze_startup_objects
+
+    freeze_startup_objects()  # the app is loaded by now
+
+
 def child_exit(server, worker):  # type: ignore[no-untyped-def]
     from prometheus_client import multiprocess
 

@@ -118,7 +118,8 @@ async def _watch_uvicorn_exit(state: ServerState) -> None:
         await anyio.sleep(0.2)
 
 
-def get_state(request: Request) -> ServerState:
+async def get_state(request: Request) -> ServerState:
+    # async: FastAPI would run a plain function in a worker thread, on every request
     state: ServerState = request.app.state.chatsse
     return state
 

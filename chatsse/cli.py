@@ -1,4 +1,5 @@
-"""The ``chatsse`` command: ``chatsse serve`` runs the server under uvicorn."""
+"""The ``chatsse`` command: ``chatsse serve`` runs the server under uvicorn; ``chatsse load``
+load-tests a streaming chat server."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Sequence
 
 import uvicorn
 
+from chatsse.serving import freeze_startup_objects
 from chatsse.settings import SettingsError, load_settings
 
 APP_FACTORY = "chatsse.app:create_app"
@@ -36,6 +38,7 @@ def _serve(args: argparse.Namespace) -> int:
     from chatsse.app import create_app
 
     app = create_app(settings)
+    freeze_startup_objects()
     uvicorn.run(
         app, host=settings.host, port=settings.port, log_config=None,
         timeout_graceful_shutdown=5, server_header=False,
@@ -52,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--reload", action="store_true", help="restart on code changes (development)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error", "critical"])
     serve.set_defaults(run=_serve)
+    from chatsse.loadcli import add_load_command
+
+    add_load_command(commands)
     return parser
 
 

@@ -106,12 +106,12 @@ class SimulatedGeneration:
 
     __slots__ = (
         "_deadline",
-        "_slot",
-        "_slots",
         "_final_reason",
         "_i",
         "_paced",
         "_rng",
+        "_slot",
+        "_slots",
         "_timing",
         "_tokens",
         "_ttft",

@@ -14,11 +14,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chatsse.conversations import new_id
 from chatsse.metrics import Metrics
-from chatsse.sse import dumps
+from chatsse.sse import BODY_SEND_SCOPE_KEY, dumps
 
 REQUEST_ID_HEADER = "x-request-id"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 SCOPE_ARRIVED = "chatsse.arrived"
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 SCOPE_LOG_FIELDS = "chatsse.log_fields"
 
 
@@ -32,6 +33,7 @@ class RequestContextMiddleware:
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.log = structlog.stdlib.get_logger("chatsse.access")
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -42,6 +44,7 @@ class RequestContextMiddleware:
         fields: dict[str, Any] = {}
         scope[SCOPE_ARRIVED] = arrived
         scope[SCOPE_LOG_FIELDS] = fields
+        scope[BODY_SEND_SCOPE_KEY] = send  # for event-stream bodies: see chatsse/sse.py, point 5
         id_header = (REQUEST_ID_HEADER.encode(), request_id.encode())
         status = 500
 
@@ -66,9 +69,16 @@ class RequestContextMiddleware:
     def _record(self, scope: Scope, status: int, arrived: float, fields: dict[str, Any]) -> None:
         duration = time.perf_counter() - arrived
         route = getattr(scope.get("route"), "path", None) or "unmatched"
-        method = scope["method"]
-        self.metrics.requests.labels(method, route, str(status)).inc()
-        self.metrics.request_duration.labels(method, route).observe(duration)
+        method = scope["method"] if scope["method"] in _METHODS else "OTHER"  # bounded label values
+        key = (method, route, status)
+        children = self._children.get(key)
+        if children is None:  # label lookups take a lock and build tuples; do them once per key
+            children = self._children[key] = (
+                self.metrics.requests.labels(method, route, str(status)),
+                self.metrics.request_duration.labels(method, route),
+            )
+        children[0].inc()
+        children[1].observe(duration)
         self.log.info(
             "request", method=method, path=scope["path"], status=status,
             duration_ms=round(duration * 1000, 3), **fields,

@@ -29,6 +29,13 @@ structure (keepalive pings, the disconnect listener, the shutdown watcher) but r
    flag that is never reset, so after one server in a process has shut down, every stream of
    the next one would end at once. chatsse's streams watch their own app's ``draining``
    event instead, and end with a final event rather than a silent cut.
+5. Events skip the ``send`` wrappers of the middleware stack. Starlette's error and
+   exception middleware and chatsse's request middleware each wrap ``send`` to see the
+   response start; every event would pass through all of them. The response start goes
+   through them as usual, so they all know the response has begun; the body events go
+   straight to the server's ``send``, which the request middleware leaves in the scope
+   (``chatsse.body_send``). Middleware that rewrites bodies (compression, which SSE must
+   not have anyway) would be bypassed; chatsse installs none.
 
 This overrides a private method, so the sse-starlette version is pinned to one major
 release in ``pyproject.toml``; ``tests/test_sse.py`` checks the behaviour it relies on.
@@ -47,6 +54,7 @@ from starlette.types import Receive, Scope, Send
 _encode_json_string: Callable[[str], str] = json.encoder.encode_basestring
 
 Emit = Callable[[bytes], Awaitable[None]]
+BODY_SEND_SCOPE_KEY = "chatsse.body_send"
 Producer = Callable[[Emit], Awaitable[None]]
 
 
@@ -148,9 +156,10 @@ class EventStreamResponse(EventSourceResponse):
 
     async def _stream_response(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        body_send = self._body_send or send
 
         async def emit(chunk: bytes) -> None:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await body_send({"type": "http.response.body", "body": chunk, "more_body": True})
 
         with self._producer_scope:
             await self._producer(emit)
@@ -174,6 +183,7 @@ class EventStreamResponse(EventSourceResponse):
         await anyio.sleep_forever()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._body_send: Send | None = scope.get(BODY_SEND_SCOPE_KEY)
         try:
             await super().__call__(scope, receive, send)
         finally:

@@ -42,3 +42,13 @@ def test_stats_summarises_the_same_numbers(client: httpx.Client) -> None:
     assert stats["open_streams"] == 0
     assert stats["conversations"] == 2
     assert stats["mean_time_to_first_event_ms"] > 0
+
+
+def test_unknown_methods_share_one_label(client: httpx.Client) -> None:
+    for method in ("PROPFIND", "TRACE", "MKCOL"):
+        client.request(method, "/health")
+    text = client.get("/metrics").text
+    assert (
+        metric_value(text, "chatsse_http_requests_total", method="OTHER", route="/health", status="405") == 3
+    )
+    assert 'method="PROPFIND"' not in text

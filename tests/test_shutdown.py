@@ -8,6 +8,7 @@ import threading
 import time
 
 import httpx
+import pytest
 from conftest import Serve
 from support import chat
 
@@ -105,5 +106,20 @@ def test_a_server_started_after_another_stopped_streams_normally(serve: Serve) -
     second = serve(sim_ttft_ms=0, sim_token_interval_ms=30, sim_reply_tokens_min=30, sim_reply_tokens_max=30)
     with httpx.Client(base_url=second.url) as client:
         reply = chat(client, "are you still streaming?")
+    assert reply.events[-1].event == "completed"
+    assert len(reply.deltas) >= 30
+
+
+def test_sse_starlette_process_exit_flag_does_not_end_streams(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sse-starlette sets AppStatus.should_exit when any uvicorn server in the process gets a
+    signal, and never resets it; a stream watching it would end at once."""
+    from sse_starlette.sse import AppStatus
+
+    monkeypatch.setattr(AppStatus, "should_exit", True)
+    server = serve(sim_ttft_ms=0, sim_token_interval_ms=20, sim_reply_tokens_min=30, sim_reply_tokens_max=30)
+    with httpx.Client(base_url=server.url) as client:
+        reply = chat(client, "still streaming after another server's exit?")
     assert reply.events[-1].event == "completed"
     assert len(reply.deltas) >= 30

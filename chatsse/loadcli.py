@@ -1,0 +1,433 @@
+"""``chatsse load URL``: load-test a streaming chat server from the command line.
+
+A thin front over :mod:`chatsse.loadgen`: it builds a target and a configuration from
+the flags, shows a progress line on stderr while the run goes, and prints a summary
+table on stdout. ``scripts/run_load_test.py`` calls :func:`main` with the same flags.
+
+Exit codes: 0 done; 1 the error rate was above ``--max-error-rate``, the single
+``--simple`` request failed, or the target could not be used; 2 invalid options;
+130 interrupted (Ctrl-C), after printing what was measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from typing import IO, Any
+
+from chatsse.loadgen import (
+    ARRIVALS,
+    DEFAULT_MESSAGES,
+    LoadConfig,
+    LoadTestResult,
+    Progress,
+    run_load_test,
+    run_single_request,
+    run_sweep,
+    save_sweep,
+)
+from chatsse.loadmetrics import SLO, Stats
+from chatsse.loadtargets import ChatsseTarget, OpenAITarget, Target, TargetError
+
+__all__ = [
+    "ProgressLine",
+    "add_load_command",
+    "configure_parser",
+    "format_summary",
+    "format_sweep",
+    "main",
+    "run_load_command",
+]
+
+DESCRIPTION = (
+    "Load-test a streaming chat server: chatsse's POST /chat, or an OpenAI-compatible "
+    "chat-completions server (vLLM, llama.cpp, Ollama) with --openai."
+)
+EPILOG = (
+    "exit codes: 0 done; 1 error rate above --max-error-rate, the --simple request failed, "
+    "or the target could not be used; 2 invalid options; 130 interrupted (Ctrl-C)"
+)
+DEFAULT_URL = "http://127.0.0.1:8000"
+DEFAULT_REQUESTS = 100
+EXIT_INTERRUPTED = 130
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or any(not v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Add the load-test options to ``parser``."""
+    parser.add_argument(
+        "url",
+        nargs="?",
+        default=DEFAULT_URL,
+        help=f"server URL; a bare host:port gets /chat (or /v1/chat/completions) (default {DEFAULT_URL})",
+    )
+    parser.add_argument(
+        "--serve",
+        action="store_true",
+        help="start a chatsse server (one uvicorn process, CHATSSE_* settings) on a free port, "
+        "test it, and stop it; the url is ignored",
+    )
+    parser.add_argument("--simple", action="store_true", help="send one request and print the streamed reply")
+    parser.add_argument(
+        "--message",
+        action="append",
+        help="message to send (repeat for several; requests cycle through them)",
+    )
+    bounds = parser.add_argument_group("bounds (default: --requests 100)")
+    bounds.add_argument("--requests", type=int, help="requests (turns) to send in all")
+    bounds.add_argument("--duration", type=float, help="seconds to send for; in-flight requests then drain")
+    bounds.add_argument(
+        "--drain-timeout", type=float, default=10.0, help="seconds in-flight requests get after --duration"
+    )
+    bounds.add_argument("--timeout", type=float, default=300.0, help="seconds one request may take")
+    shape = parser.add_argument_group("load shape")
+    shape.add_argument(
+        "--concurrency", type=int, default=10, help="closed loop: concurrent users (default 10)"
+    )
+    shape.add_argument("--rate", type=float, help="open loop: new users per second (inf: all at once)")
+    shape.add_argument("--arrival", choices=ARRIVALS, default="poisson", help="open loop: arrival process")
+    shape.add_argument(
+        "--burstiness", type=float, default=1.0, help="gamma arrivals: shape (<1 burstier, 1 = Poisson)"
+    )
+    shape.add_argument(
+        "--max-concurrency", type=int, help="cap on requests in flight (open loop: arrivals wait for a slot)"
+    )
+    shape.add_argument(
+        "--ramp-up", type=float, default=0.0, help="seconds to reach full load (users, or rate)"
+    )
+    shape.add_argument("--multi-turn", type=int, default=1, metavar="K", help="turns per user conversation")
+    shape.add_argument("--think-time", type=float, default=0.0, help="seconds between a user's turns")
+    shape.add_argument("--seed", type=int, default=0, help="seed of the arrival times")
+    shape.add_argument("--sweep-rates", type=_floats, metavar="R1,R2,...", help="one open-loop run per rate")
+    shape.add_argument(
+        "--sweep-concurrency", type=_ints, metavar="C1,C2,...", help="one closed-loop run per concurrency"
+    )
+    target = parser.add_argument_group("target")
+    target.add_argument("--openai", action="store_true", help="OpenAI chat-completions protocol (vLLM, ...)")
+    target.add_argument("--model", help="OpenAI model (default: the first one the server lists)")
+    target.add_argument("--max-tokens", type=int, help="cap on reply tokens per request")
+    target.add_argument(
+        "--check-content",
+        action="store_true",
+        help="chatsse: decode every delta and check the reply equals completed.content",
+    )
+    report = parser.add_argument_group("report")
+    report.add_argument("--slo-ttft-ms", type=float, help="goodput: TTFT threshold (ms)")
+    report.add_argument("--slo-tpot-ms", type=float, help="goodput: TPOT threshold (ms)")
+    report.add_argument("--slo-e2e-ms", type=float, help="goodput: end-to-end latency threshold (ms)")
+    report.add_argument("--output", help="save the results as JSON")
+    report.add_argument("--plot", help="save plots as one self-contained HTML file")
+    report.add_argument(
+        "--max-error-rate", type=float, help="exit 1 when failed/sent is above this (0-1), for CI"
+    )
+    report.add_argument("--quiet", action="store_true", help="no progress line")
+
+
+def add_load_command(subparsers: Any) -> None:
+    """Register ``load`` on an ``add_subparsers()`` object; its handler returns an exit code."""
+    parser = subparsers.add_parser(
+        "load",
+        help="load-test a streaming chat server (chatsse or OpenAI-compatible)",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+    )
+    configure_parser(parser)
+    parser.set_defaults(run=run_load_command)
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG)
+    configure_parser(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
+    """Parse ``argv`` (the load-test flags) and run; returns the exit code."""
+    return run_load_command(build_parser(prog).parse_args(argv))
+
+
+def _slo(args: argparse.Namespace) -> SLO | None:
+    limits = (args.slo_ttft_ms, args.slo_tpot_ms, args.slo_e2e_ms)
+    if all(v is None for v in limits):
+        return None
+    ttft, tpot, e2e = (None if v is None else v / 1000.0 for v in limits)
+    return SLO(ttft=ttft, tpot=tpot, e2e=e2e)
+
+
+def _target(args: argparse.Namespace) -> Target:
+    if args.openai:
+        return OpenAITarget(args.url, model=args.model, max_tokens=args.max_tokens)
+    return ChatsseTarget(args.url, max_tokens=args.max_tokens, collect_text=args.check_content)
+
+
+def _config(args: argparse.Namespace) -> LoadConfig:
+    requests = args.requests
+    if requests is None and args.duration is None:
+        requests = DEFAULT_REQUESTS
+    return LoadConfig(
+        requests=requests,
+        duration=args.duration,
+        concurrency=args.concurrency,
+        rate=args.rate,
+        arrival=args.arrival,
+        burstiness=args.burstiness,
+        max_concurrency=args.max_concurrency,
+        ramp_up=args.ramp_up,
+        turns=args.multi_turn,
+        think_time=args.think_time,
+        timeout=args.timeout,
+        drain_timeout=args.drain_timeout,
+        seed=args.seed,
+        messages=tuple(args.message) if args.message else DEFAULT_MESSAGES,
+        slo=_slo(args),
+    )
+
+
+def run_load_command(args: argparse.Namespace) -> int:
+    """The ``load`` command's handler."""
+    if args.serve:
+        from chatsse.processes import ServerProcessError, UvicornServer
+
+        try:
+            with UvicornServer() as server:
+                print(f"chatsse load: started a chatsse server at {server.url}", file=sys.stderr)
+                args.url = server.url
+                args.serve = False
+                return run_load_command(args)
+        except ServerProcessError as exc:
+            print(f"chatsse load: {exc}", file=sys.stderr)
+            return 1
+    err = sys.stderr
+    if args.sweep_rates and args.sweep_concurrency:
+        print("chatsse load: --sweep-rates and --sweep-concurrency exclude each other", file=err)
+        return 2
+    if args.sweep_concurrency and args.rate is not None:
+        print("chatsse load: --sweep-concurrency is closed loop; drop --rate", file=err)
+        return 2
+    if args.max_error_rate is not None and not 0 <= args.max_error_rate <= 1:
+        print("chatsse load: --max-error-rate must be within [0, 1]", file=err)
+        return 2
+    try:
+        target = _target(args)
+        config = _config(args)
+    except ValueError as exc:
+        print(f"chatsse load: {exc}", file=err)
+        return 2
+    try:
+        if args.simple:
+            return _simple(target, config.messages[0], args.timeout)
+        progress = None if args.quiet else ProgressLine(err)
+        if args.sweep_rates or args.sweep_concurrency:
+
+            def announce(result: LoadTestResult) -> None:
+                print(format_summary(result), flush=True)
+
+            results = run_sweep(
+                target,
+                config,
+                rates=args.sweep_rates,
+                concurrencies=args.sweep_concurrency,
+                progress=progress,
+                on_result=announce,
+            )
+            print(format_sweep(results))
+        else:
+            results = [run_load_test(target, config, progress=progress)]
+            print(format_summary(results[0]))
+    except TargetError as exc:
+        print(f"chatsse load: {exc}", file=err)
+        return 1
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside a run
+        print("chatsse load: interrupted", file=err)
+        return EXIT_INTERRUPTED
+    _write_outputs(args, results)
+    if any(r.interrupted for r in results):
+        return EXIT_INTERRUPTED
+    if args.max_error_rate is not None:
+        worst = max(results, key=lambda r: r.error_rate)
+        if worst.error_rate > args.max_error_rate:
+            print(
+                f"chatsse load: error rate {worst.error_rate:.1%} ({worst.config.label}) is above "
+                f"--max-error-rate {args.max_error_rate:.1%}",
+                file=err,
+            )
+            return 1
+    return 0
+
+
+def _write_outputs(args: argparse.Namespace, results: list[LoadTestResult]) -> None:
+    if args.output:
+        if len(results) == 1 and not (args.sweep_rates or args.sweep_concurrency):
+            results[0].save(args.output)
+        else:
+            save_sweep(results, args.output)
+        print(f"results saved to {args.output}")
+    if args.plot:
+        from chatsse import plots
+
+        if len(results) == 1:
+            (result,) = results
+            figures = [
+                plots.latency_cdf(result),
+                plots.percentile_spectrum(result),
+                plots.request_timeline(result),
+                plots.throughput_over_time(result),
+            ]
+        else:
+            figures = [plots.sweep_knee(results), plots.goodput_vs_rate(results)]
+            figures += [plots.throughput_over_time(r) for r in results]
+        plots.save_html(figures, args.plot)
+        print(f"plots saved to {args.plot}")
+
+
+def _simple(target: Target, message: str, time_limit: float) -> int:
+    """One request, its reply printed as it streams, then its timings."""
+
+    def show(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    record = run_single_request(target, message, time_limit=time_limit, on_text=show)
+    print()
+    ttft = "-" if record.ttft is None else f"{record.ttft * 1000:.1f} ms"
+    e2e = "-" if record.e2e is None else f"{record.e2e * 1000:.1f} ms"
+    outcome = "ok" if record.ok else f"failed: {record.error}"
+    print(
+        f"[{outcome}] status {record.status}, TTFT {ttft}, {record.tokens} tokens, "
+        f"{record.events} events, end-to-end {e2e}",
+        file=sys.stderr,
+    )
+    return 0 if record.ok else 1
+
+
+class ProgressLine:
+    """Progress on a terminal: one line rewritten in place; elsewhere a line every few seconds."""
+
+    def __init__(self, stream: IO[str], *, every: float = 5.0) -> None:
+        self.stream = stream
+        self.live = stream.isatty()
+        self.every = every
+        self._next_line_at = 0.0
+        self._width = 0
+
+    def __call__(self, progress: Progress) -> None:
+        text = (
+            f"{progress.elapsed:7.1f} s  sent {progress.sent}  done {progress.completed}  "
+            f"failed {progress.failed}  open {progress.open_streams}  {progress.request_rate:.1f} req/s"
+        )
+        if self.live:
+            self.stream.write("\r" + text.ljust(self._width))
+            self._width = len(text)
+            if progress.finished:
+                self.stream.write("\n")
+                self._width = 0
+        elif progress.finished or progress.elapsed >= self._next_line_at:
+            self.stream.write(text + "\n")
+            self._next_line_at = progress.elapsed + self.every
+        if progress.finished:
+            self._next_line_at = 0.0
+        self.stream.flush()
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value * 1000:.2f}"
+
+
+def format_summary(result: LoadTestResult, slo: SLO | None = None) -> str:
+    """A plain-text report of one run (the configuration's SLO unless ``slo`` is given)."""
+    s = result.summary(slo)
+    used_slo = s.slo
+    sent = len(result.records)
+    lines = [f"{' ' + result.config.label + ' ':=^78}"]
+
+    def row(name: str, value: str) -> None:
+        lines.append(f"{name:<16}{value}")
+
+    target = result.target
+    model = f" (model {target['model']})" if target.get("model") else ""
+    row("target", f"{target['protocol']} {target['url']}{model}")
+    row("load", result.config.describe())
+    row("duration", f"{result.duration:.2f} s" + ("  (interrupted)" if result.interrupted else ""))
+    failed_share = f" ({s.failed / sent:.1%})" if sent else ""
+    row("requests", f"{sent} sent, {s.completed} completed, {s.failed} failed{failed_share}")
+    if result.unsent:
+        row("not sent", f"{result.unsent} (still waiting for a slot when sending stopped)")
+    if s.errors_by_type:
+        row("errors", ", ".join(f"{kind}: {n}" for kind, n in s.errors_by_type.items()))
+    row(
+        "throughput",
+        f"{s.request_throughput:.2f} req/s, {s.output_token_throughput:.1f} tokens/s, "
+        f"{s.event_throughput:.1f} events/s",
+    )
+    good = "-" if s.good_fraction is None else f"{s.good_fraction:.1%}"
+    goodput = f"{s.goodput:.2f} req/s, {good} of requests good"
+    if used_slo is not None:
+        limits = [
+            f"{name} <= {limit * 1000:g} ms"
+            for name, limit in (("TTFT", used_slo.ttft), ("TPOT", used_slo.tpot), ("E2E", used_slo.e2e))
+            if limit is not None
+        ]
+        goodput += f" (SLO: {', '.join(limits)})"
+    row("goodput", goodput)
+    row("tokens", f"{s.total_input_tokens} in, {s.total_output_tokens} out, {s.total_events} events")
+    lines.append(
+        f"{'latency (ms)':<16}" + "".join(f"{h:>10}" for h in ("mean", "p50", "p90", "p95", "p99", "max"))
+    )
+    series: list[tuple[str, Stats | None]] = [
+        ("TTFT", s.ttft),
+        ("TPOT", s.tpot),
+        ("ITL", s.itl),
+        ("E2E", s.e2e),
+        ("E2E (intended)", s.e2e_intended),
+        ("lateness", s.lateness),
+    ]
+    for name, stats in series:
+        if stats is None:
+            lines.append(f"{name:<16}{'-':>10}")
+            continue
+        values = (stats.mean, stats.p50, stats.p90, stats.p95, stats.p99, stats.max)
+        lines.append(f"{name:<16}" + "".join(f"{_ms(v):>10}" for v in values))
+    return "\n".join(lines)
+
+
+def format_sweep(results: Sequence[LoadTestResult], slo: SLO | None = None) -> str:
+    """One row per run: load level, counts, throughput, goodput and tail latencies."""
+    header = (
+        f"{'run':<18}{'sent':>6}{'ok':>6}{'failed':>7}{'req/s':>8}{'tok/s':>9}{'goodput':>9}"
+        f"{'p50 TTFT':>10}{'p95 TTFT':>10}{'p95 ITL':>9}{'p95 E2E':>10}"
+    )
+    lines = [f"{' sweep ':=^{len(header)}}", header]
+    for result in results:
+        s = result.summary(slo)
+
+        def p(stats: Stats | None, which: str) -> str:
+            return _ms(None if stats is None else getattr(stats, which))
+
+        lines.append(
+            f"{result.config.label:<18}{len(result.records):>6}{s.completed:>6}{s.failed:>7}"
+            f"{s.request_throughput:>8.2f}{s.output_token_throughput:>9.1f}{s.goodput:>9.2f}"
+            f"{p(s.ttft, 'p50'):>10}{p(s.ttft, 'p95'):>10}{p(s.itl, 'p95'):>9}{p(s.e2e, 'p95'):>10}"
+        )
+    lines.append("latencies in ms; goodput in requests/s within the SLO")
+    return "\n".join(lines)

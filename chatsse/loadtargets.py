@@ -1,0 +1,375 @@
+"""What the load client talks to: one streamed chat request per call, measured into a record.
+
+Two protocols:
+
+- :class:`ChatsseTarget`: chatsse's ``POST /chat`` (README, "Protocol"). Content events
+  are ``event: message``; ``completed`` carries the usage; ``error`` ends a failed stream.
+  A user's next turn sends the ``conversation_id`` from ``connected``.
+- :class:`OpenAITarget`: OpenAI chat completions with ``"stream": true`` (vLLM,
+  llama.cpp, Ollama, ...). Content is ``choices[0].delta.content``; usage comes in a
+  last chunk (``stream_options.include_usage``); ``data: [DONE]`` ends the stream; an
+  in-band ``{"error": {...}}`` chunk is a failure. The client keeps the message list,
+  so a multi-turn user sends the whole history every turn.
+
+Hot path: bytes are read as they arrive (``iter_any``, never line by line) and fed to
+:class:`~chatsse.eventstream.EventStreamParser`. A chunk costs one ``perf_counter``
+call, and a content event one list append of that time: events in one chunk arrived
+together. chatsse ``message`` events are not JSON-decoded unless their text is wanted
+(``collect_text``, or an ``on_text`` callback); OpenAI chunks must be decoded to tell
+content from role and usage chunks.
+
+Error types written to ``RequestRecord.error``:
+
+==========================  ==============================================================
+``http_<status>``           the response status was not 200
+``stream_error:<type>``     the server ended the stream with an error (its ``type``)
+``truncated``               the stream ended cleanly without ``completed`` / ``[DONE]``
+``content_mismatch``        chatsse, ``collect_text``: the deltas differ from ``content``
+``protocol_error``          an event's data was not the JSON the protocol specifies
+``connection``              connecting failed, or the connection broke mid-stream
+``timeout``                 the request did not finish within its time limit
+``cancelled``               the run stopped it (end of the drain time, Ctrl-C)
+==========================  ==============================================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from time import perf_counter
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from chatsse.eventstream import EventStreamParser
+from chatsse.loadmetrics import RequestRecord
+
+__all__ = [
+    "ChatsseTarget",
+    "Conversation",
+    "OpenAITarget",
+    "Target",
+    "TargetError",
+    "endpoint_url",
+]
+
+TextCallback = Callable[[str], object]
+
+_loads = json.loads
+
+
+class TargetError(RuntimeError):
+    """The target cannot be used (e.g. no model could be discovered)."""
+
+
+def endpoint_url(url: str, default_path: str) -> str:
+    """``url`` itself when it names a path, else the server root plus ``default_path``.
+
+    ``http://host:8000`` and ``http://host:8000/`` get the default path; for OpenAI
+    targets an OpenAI-style base URL ending in ``/v1`` gets ``/chat/completions``.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"not an http(s) URL: {url!r}")
+    path = parts.path.rstrip("/")
+    base = f"{parts.scheme}://{parts.netloc}"
+    if not path:
+        return base + default_path
+    if default_path.startswith("/v1/") and path.endswith("/v1"):
+        return base + path + default_path[3:]
+    return base + parts.path
+
+
+@dataclass(slots=True)
+class Conversation:
+    """One user's conversation, carried from turn to turn.
+
+    ``conversation_id``: chatsse's id, from the first turn's ``connected`` event.
+    ``history``: OpenAI targets, the messages sent so far (completed turns only).
+    ``last_reply``: the last reply's text, when it was collected.
+    """
+
+    conversation_id: str | None = None
+    history: list[dict[str, str]] = field(default_factory=list)
+    last_reply: str | None = None
+
+
+class Target(ABC):
+    """A streaming chat endpoint. Subclasses read one protocol's stream."""
+
+    protocol: ClassVar[str]
+    default_path: ClassVar[str]
+
+    def __init__(self, url: str, *, max_tokens: int | None = None) -> None:
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        self.url = endpoint_url(url, self.default_path)
+        self.max_tokens = max_tokens
+
+    def describe(self) -> dict[str, Any]:
+        """What a result file records about the target."""
+        return {"protocol": self.protocol, "url": self.url, "max_tokens": self.max_tokens}
+
+    async def prepare(self, http: aiohttp.ClientSession) -> None:  # noqa: B027 - an optional hook
+        """Called once before a run, with the run's session; nothing to do by default."""
+
+    @abstractmethod
+    def request_body(self, conversation: Conversation, message: str) -> dict[str, Any]:
+        """The JSON body of the next turn."""
+
+    @abstractmethod
+    async def _read_stream(
+        self,
+        response: aiohttp.ClientResponse,
+        conversation: Conversation,
+        message: str,
+        record: RequestRecord,
+        on_text: TextCallback | None,
+    ) -> None:
+        """Read a 200 response's event stream into ``record`` (and ``conversation``)."""
+
+    async def request(
+        self,
+        http: aiohttp.ClientSession,
+        conversation: Conversation,
+        message: str,
+        record: RequestRecord,
+        *,
+        time_limit: float | None = None,
+        on_text: TextCallback | None = None,
+    ) -> None:
+        """Send one turn and fill ``record``; never raises except on cancellation.
+
+        ``record.sent`` must already be set; ``time_limit`` bounds the whole exchange
+        (``timeout`` error). ``on_text`` receives each content delta as
+        it arrives (this decodes every content event).
+        """
+        try:
+            async with (
+                asyncio.timeout(time_limit),
+                http.post(
+                    self.url,
+                    json=self.request_body(conversation, message),
+                    headers={"Accept": "text/event-stream"},
+                ) as response,
+            ):
+                record.headers_at = perf_counter()
+                record.status = response.status
+                if response.status != 200:
+                    await response.read()
+                    record.error = f"http_{response.status}"
+                else:
+                    await self._read_stream(response, conversation, message, record, on_text)
+        except TimeoutError:  # asyncio's, and aiohttp's own timeouts subclass it
+            record.error = "timeout"
+        except (aiohttp.ClientError, OSError):
+            record.error = "connection"
+        except (ValueError, KeyError, TypeError, AttributeError):
+            record.error = "protocol_error"  # malformed JSON or fields in an event
+        except asyncio.CancelledError:
+            if record.error is None:
+                record.error = "cancelled"
+            raise
+        finally:
+            if record.end is None:
+                record.end = perf_counter()
+            if record.first_token_at is None and record.token_times:
+                record.first_token_at = record.token_times[0]
+
+
+class ChatsseTarget(Target):
+    """chatsse's ``POST /chat``.
+
+    ``collect_text`` decodes every ``message`` event, keeps the reply in
+    ``Conversation.last_reply`` and checks it equals ``completed.content``.
+    """
+
+    protocol = "chatsse"
+    default_path = "/chat"
+
+    def __init__(self, url: str, *, max_tokens: int | None = None, collect_text: bool = False) -> None:
+        super().__init__(url, max_tokens=max_tokens)
+        self.collect_text = collect_text
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "collect_text": self.collect_text}
+
+    def request_body(self, conversation: Conversation, message: str) -> dict[str, Any]:
+        body: dict[str, Any] = {"message": message}
+        if conversation.conversation_id is not None:
+            body["conversation_id"] = conversation.conversation_id
+        if self.max_tokens is not None:
+            body["max_tokens"] = self.max_tokens
+        return body
+
+    async def _read_stream(
+        self,
+        response: aiohttp.ClientResponse,
+        conversation: Conversation,
+        message: str,
+        record: RequestRecord,
+        on_text: TextCallback | None,
+    ) -> None:
+        parser = EventStreamParser()
+        feed = parser.feed
+        token_times = record.token_times
+        add_token = token_times.append
+        parts: list[str] | None = [] if self.collect_text or on_text is not None else None
+        events = 0
+        received = 0
+        completed: dict[str, Any] | None = None
+        failure: dict[str, Any] | None = None
+        async for chunk in response.content.iter_any():
+            now = perf_counter()
+            received += len(chunk)
+            batch = feed(chunk)
+            if not batch:
+                continue
+            events += len(batch)
+            for event in batch:
+                name = event.event
+                if name == "message":
+                    add_token(now)
+                    if parts is not None:
+                        delta: str = _loads(event.data)["delta"]
+                        parts.append(delta)
+                        if on_text is not None:
+                            on_text(delta)
+                elif name == "connected":
+                    conversation.conversation_id = _loads(event.data).get("conversation_id")
+                elif name == "completed":
+                    completed = _loads(event.data)
+                elif name == "error":
+                    failure = _loads(event.data)
+        record.end = perf_counter()
+        record.events = events
+        record.bytes_received = received
+        tokens = len(token_times)
+        if completed is not None:
+            usage = completed.get("usage") or {}
+            tokens = usage.get("completion_tokens", tokens)
+            record.prompt_tokens = usage.get("prompt_tokens")
+            if parts is not None:
+                reply = "".join(parts)
+                conversation.last_reply = reply
+                if reply != completed.get("content"):
+                    record.error = "content_mismatch"
+        elif failure is not None:
+            record.error = f"stream_error:{failure.get('type') or 'unknown'}"
+        else:
+            record.error = "truncated"
+        record.tokens = tokens
+
+
+class OpenAITarget(Target):
+    """An OpenAI-compatible ``POST /v1/chat/completions`` with streaming.
+
+    ``model=None`` asks the server (``GET /v1/models``) and uses its first model.
+    Reasoning deltas (``reasoning_content`` / ``reasoning``) count as tokens too: they
+    are generated tokens, though not part of the reply text.
+    """
+
+    protocol = "openai"
+    default_path = "/v1/chat/completions"
+
+    def __init__(self, url: str, *, model: str | None = None, max_tokens: int | None = None) -> None:
+        super().__init__(url, max_tokens=max_tokens)
+        self.model = model
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "model": self.model}
+
+    async def prepare(self, http: aiohttp.ClientSession) -> None:
+        if self.model is not None:
+            return
+        models_url = self.url.removesuffix("/chat/completions") + "/models"
+        try:
+            async with asyncio.timeout(30), http.get(models_url) as response:
+                listing = await response.json(content_type=None) if response.status == 200 else None
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            raise TargetError(f"cannot list models at {models_url}: {exc!r}; pass a model") from exc
+        models = listing.get("data") if isinstance(listing, dict) else None
+        if not models:
+            raise TargetError(f"no model listed at {models_url}; pass a model")
+        self.model = str(models[0]["id"])
+
+    def request_body(self, conversation: Conversation, message: str) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": [*conversation.history, {"role": "user", "content": message}],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if self.max_tokens is not None:
+            body["max_tokens"] = self.max_tokens
+        return body
+
+    async def _read_stream(
+        self,
+        response: aiohttp.ClientResponse,
+        conversation: Conversation,
+        message: str,
+        record: RequestRecord,
+        on_text: TextCallback | None,
+    ) -> None:
+        parser = EventStreamParser()
+        feed = parser.feed
+        token_times = record.token_times
+        add_token = token_times.append
+        parts: list[str] = []
+        add_part = parts.append
+        events = 0
+        received = 0
+        done = False
+        usage: dict[str, Any] | None = None
+        failure: dict[str, Any] | None = None
+        async for chunk in response.content.iter_any():
+            now = perf_counter()
+            received += len(chunk)
+            batch = feed(chunk)
+            if not batch:
+                continue
+            events += len(batch)
+            for event in batch:
+                data = event.data
+                if data == "[DONE]":
+                    done = True
+                    continue
+                payload = _loads(data)
+                if not isinstance(payload, dict):
+                    continue
+                choices = payload.get("choices")
+                if choices:
+                    delta = choices[0].get("delta") or {}
+                    content = delta.get("content")
+                    if content:
+                        add_token(now)
+                        add_part(content)
+                        if on_text is not None:
+                            on_text(content)
+                    elif delta.get("reasoning_content") or delta.get("reasoning"):
+                        add_token(now)
+                if payload.get("usage"):
+                    usage = payload["usage"]
+                if "error" in payload:
+                    failure = payload["error"] if isinstance(payload["error"], dict) else {}
+        record.end = perf_counter()
+        record.events = events
+        record.bytes_received = received
+        record.tokens = len(token_times)
+        if usage is not None:
+            record.tokens = usage.get("completion_tokens", record.tokens)
+            record.prompt_tokens = usage.get("prompt_tokens")
+        if failure is not None:
+            record.error = f"stream_error:{failure.get('type') or failure.get('code') or 'unknown'}"
+        elif not done:
+            record.error = "truncated"
+        else:
+            reply = "".join(parts)
+            conversation.last_reply = reply
+            conversation.history.append({"role": "user", "content": message})
+            conversation.history.append({"role": "assistant", "content": reply})

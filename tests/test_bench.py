@@ -1,0 +1,42 @@
+"""``scripts/bench_server.py --quick``: every server starts, every measurement runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).parent.parent / "scripts" / "bench_server.py"
+
+
+def test_quick_bench_measures_every_server(tmp_path: Path) -> None:
+    output = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATSSE_")}
+    process = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--output", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        env=env,
+    )
+    assert process.returncode == 0, process.stderr
+    report = json.loads(output.read_text())
+    assert list(report["servers"]) == ["bare-asgi", "sse-starlette", "chatsse"]
+    plan = report["plan"]
+    for name, server in report["servers"].items():
+        events = server["events"]
+        assert events["errors"] == {}, name
+        assert events["events"] == plan["long_requests"] * (plan["long_tokens"] + 2), name
+        assert server["requests"]["events_per_request"] == plan["short_tokens"] + 2, name
+        assert server["memory"]["streams"] == plan["streams"]
+        assert server["memory"]["peak_rss_kib"] > 0
+        assert server["paced"]["levels"], name
+    assert set(report["ratios"]) == {
+        "cpu_per_event_vs_bare",
+        "cpu_per_request_vs_bare",
+        "memory_per_stream_vs_bare",
+    }
+    for row in ("server CPU per event (us)", "memory per open stream (KiB)", "client CPU per event (us)"):
+        assert row in process.stdout

@@ -1,0 +1,328 @@
+"""The load client's protocol readers, against real servers on loopback sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterator
+from time import perf_counter
+from typing import Any
+
+import aiohttp
+import httpx
+import pytest
+from conftest import Serve
+from fake_openai import MODEL, FakeOpenAI
+from support import FailingEngine
+
+from chatsse.inprocess import InProcessServer
+from chatsse.loadmetrics import RequestRecord
+from chatsse.loadtargets import (
+    ChatsseTarget,
+    Conversation,
+    OpenAITarget,
+    Target,
+    TargetError,
+    endpoint_url,
+)
+
+
+def new_record() -> RequestRecord:
+    now = perf_counter()
+    return RequestRecord(request_id=0, user_id=0, turn=0, intended_start=now, sent=now)
+
+
+async def _send_all(
+    target: Target, messages: list[str], conversation: Conversation, time_limit: float
+) -> list[RequestRecord]:
+    records = []
+    async with aiohttp.ClientSession() as http:
+        await target.prepare(http)
+        for message in messages:
+            record = new_record()
+            await target.request(http, conversation, message, record, time_limit=time_limit)
+            records.append(record)
+    return records
+
+
+def send(
+    target: Target,
+    *messages: str,
+    conversation: Conversation | None = None,
+    time_limit: float = 10.0,
+) -> list[RequestRecord]:
+    """Send the messages as consecutive turns of one conversation."""
+    return asyncio.run(_send_all(target, list(messages), conversation or Conversation(), time_limit))
+
+
+@pytest.fixture
+def fake_openai() -> Iterator[tuple[FakeOpenAI, InProcessServer]]:
+    fake = FakeOpenAI()
+    with InProcessServer(fake.app()) as server:
+        yield fake, server
+
+
+def asgi_stream(*chunks: bytes) -> Any:
+    """A raw ASGI app answering every request with these body chunks as an event stream."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
+        for chunk in chunks:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    return app
+
+
+# --- URLs ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "default", "expected"),
+    [
+        ("http://h:1", "/chat", "http://h:1/chat"),
+        ("http://h:1/", "/chat", "http://h:1/chat"),
+        ("http://h:1/api/chat", "/chat", "http://h:1/api/chat"),
+        ("http://h:1", "/v1/chat/completions", "http://h:1/v1/chat/completions"),
+        ("http://h:1/v1", "/v1/chat/completions", "http://h:1/v1/chat/completions"),
+        ("https://h/x/v1/", "/v1/chat/completions", "https://h/x/v1/chat/completions"),
+        ("http://h:1/v1/chat/completions", "/v1/chat/completions", "http://h:1/v1/chat/completions"),
+    ],
+)
+def test_endpoint_url(url: str, default: str, expected: str) -> None:
+    assert endpoint_url(url, default) == expected
+
+
+def test_endpoint_url_rejects_non_http() -> None:
+    with pytest.raises(ValueError, match="not an http"):
+        endpoint_url("127.0.0.1:8000", "/chat")
+
+
+# --- chatsse ------------------------------------------------------------------------------
+
+
+def test_chatsse_request_fills_every_field(serve: Serve) -> None:
+    server = serve(sim_ttft_ms=20)
+    conversation = Conversation()
+    (record,) = send(
+        ChatsseTarget(server.url, max_tokens=12, collect_text=True), "hello", conversation=conversation
+    )
+    assert record.ok, record
+    assert record.status == 200
+    assert record.tokens == 12 == len(record.token_times)
+    assert record.events == 14  # connected + 12 messages + completed
+    assert record.prompt_tokens is not None
+    assert record.prompt_tokens > 0
+    assert record.headers_at is not None
+    assert record.first_token_at is not None
+    assert record.end is not None
+    assert record.sent <= record.headers_at <= record.first_token_at <= record.token_times[-1] <= record.end
+    assert record.first_token_at == record.token_times[0]
+    assert record.first_token_at - record.sent >= 0.02  # the simulated TTFT
+    assert record.bytes_received > 14 * 20
+    assert conversation.conversation_id is not None
+    stored = httpx.get(f"{server.url}/conversations/{conversation.conversation_id}").json()["messages"]
+    assert [m["role"] for m in stored] == ["user", "assistant"]
+    assert stored[1]["content"] == conversation.last_reply
+
+
+def test_chatsse_without_collect_text_keeps_no_text(serve: Serve) -> None:
+    conversation = Conversation()
+    (record,) = send(ChatsseTarget(serve().url), "hello", conversation=conversation)
+    assert record.ok
+    assert conversation.last_reply is None
+
+
+def test_chatsse_turns_continue_the_conversation(serve: Serve) -> None:
+    server = serve()
+    conversation = Conversation()
+    records = send(ChatsseTarget(server.url), "one", "two", "three", conversation=conversation)
+    assert all(r.ok for r in records)
+    stored = httpx.get(f"{server.url}/conversations/{conversation.conversation_id}").json()["messages"]
+    assert [m["content"] for m in stored if m["role"] == "user"] == ["one", "two", "three"]
+    assert len(stored) == 6
+    assert httpx.get(f"{server.url}/conversations").json()["total"] == 1
+
+
+def test_chatsse_server_busy_is_http_503_and_cancelled_stream_is_cancelled(serve: Serve) -> None:
+    server = serve(max_concurrent_connections=1, sim_ttft_ms=5000)
+    target = ChatsseTarget(server.url)
+
+    async def scenario() -> tuple[RequestRecord, RequestRecord]:
+        async with aiohttp.ClientSession() as http:
+            holder = new_record()
+            hold = asyncio.create_task(target.request(http, Conversation(), "hold", holder))
+            for _ in range(1000):  # until the holder's stream is open (10 s at most)
+                if holder.headers_at is not None:
+                    break
+                await asyncio.sleep(0.01)
+            refused = new_record()
+            await target.request(http, Conversation(), "refused", refused, time_limit=10)
+            hold.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await hold
+            return holder, refused
+
+    holder, refused = asyncio.run(scenario())
+    assert (refused.status, refused.error, refused.ok) == (503, "http_503", False)
+    assert refused.end is not None
+    assert refused.tokens == 0
+    assert holder.error == "cancelled"
+    assert holder.end is not None
+
+
+def test_chatsse_engine_failure_is_a_stream_error(serve: Serve) -> None:
+    (record,) = send(ChatsseTarget(serve(engine=FailingEngine(good_tokens=3)).url), "hi")
+    assert record.error == "stream_error:engine_error"
+    assert record.status == 200
+    assert record.tokens == 3 == len(record.token_times)
+    assert record.first_token_at == record.token_times[0]
+    assert record.events == 5  # connected, 3 messages, error
+
+
+def test_connection_refused_is_connection() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (record,) = send(ChatsseTarget(f"http://127.0.0.1:{port}"), "hi")
+    assert record.error == "connection"
+    assert record.status is None
+    assert record.headers_at is None
+    assert record.end is not None
+
+
+def test_time_limit_is_timeout(serve: Serve) -> None:
+    (record,) = send(ChatsseTarget(serve(sim_ttft_ms=5000).url), "hi", time_limit=0.3)
+    assert record.error == "timeout"
+    assert record.status == 200
+    assert record.end is not None
+    assert record.end - record.sent >= 0.3
+
+
+def test_stream_ending_without_completed_is_truncated() -> None:
+    app = asgi_stream(
+        b'event: connected\ndata: {"conversation_id": "c1"}\n\n', b"event: message\ndata: {}\n\n"
+    )
+    conversation = Conversation()
+    with InProcessServer(app) as server:
+        (record,) = send(ChatsseTarget(server.url), "hi", conversation=conversation)
+    assert record.error == "truncated"
+    assert (record.tokens, record.events) == (1, 2)
+    assert conversation.conversation_id == "c1"
+
+
+def test_malformed_event_data_is_protocol_error() -> None:
+    with InProcessServer(asgi_stream(b"event: connected\ndata: not json\n\n")) as server:
+        (record,) = send(ChatsseTarget(server.url), "hi")
+    assert record.error == "protocol_error"
+
+
+def test_collect_text_detects_content_mismatch() -> None:
+    app = asgi_stream(
+        b'event: message\ndata: {"delta": "a"}\n\n',
+        b'event: completed\ndata: {"content": "ab", '
+        b'"usage": {"completion_tokens": 1, "prompt_tokens": 2}}\n\n',
+    )
+    with InProcessServer(app) as server:
+        (record,) = send(ChatsseTarget(server.url, collect_text=True), "hi")
+        (unchecked,) = send(ChatsseTarget(server.url), "hi")
+    assert record.error == "content_mismatch"
+    assert unchecked.ok
+    assert unchecked.prompt_tokens == 2
+
+
+def test_events_split_across_chunks_and_several_per_chunk() -> None:
+    events = b"".join(f'event: message\ndata: {{"delta": "t{i}"}}\n\n'.encode() for i in range(5))
+    completed = b'event: completed\ndata: {"content": "t0t1t2t3t4", "usage": {"completion_tokens": 5}}\n\n'
+    stream = events + completed
+    app = asgi_stream(stream[:7], stream[7:60], stream[60:])
+    conversation = Conversation()
+    with InProcessServer(app) as server:
+        (record,) = send(ChatsseTarget(server.url, collect_text=True), "hi", conversation=conversation)
+    assert record.ok, record.error
+    assert (record.tokens, record.events, len(record.token_times)) == (5, 6, 5)
+    assert record.bytes_received == len(stream)
+    assert conversation.last_reply == "t0t1t2t3t4"
+
+
+def test_on_text_receives_each_delta(serve: Serve) -> None:
+    deltas: list[str] = []
+    target = ChatsseTarget(serve().url, max_tokens=6)
+
+    async def one() -> RequestRecord:
+        async with aiohttp.ClientSession() as http:
+            record = new_record()
+            await target.request(http, Conversation(), "hi", record, on_text=deltas.append)
+            return record
+
+    record = asyncio.run(one())
+    assert record.ok
+    assert len(deltas) == 6
+
+
+# --- OpenAI -------------------------------------------------------------------------------
+
+
+def test_openai_stream_with_usage(fake_openai: tuple[FakeOpenAI, InProcessServer]) -> None:
+    fake, server = fake_openai
+    target = OpenAITarget(server.url, max_tokens=64)
+    conversation = Conversation()
+    (record,) = send(target, "hi", conversation=conversation)
+    assert target.model == MODEL  # discovered from /v1/models
+    assert record.ok, record.error
+    assert (record.tokens, record.prompt_tokens) == (5, 7)
+    assert len(record.token_times) == 5  # the role chunk is not a token
+    assert record.events == 9  # role, 5 content, finish, usage, [DONE]
+    assert conversation.last_reply == "turn 1 reply w0 w1 w2 w3"
+    body = fake.bodies[0]
+    assert body["model"] == MODEL
+    assert body["stream"] is True
+    assert body["max_tokens"] == 64
+    assert body["stream_options"] == {"include_usage": True}
+    assert body["messages"] == [{"role": "user", "content": "hi"}]
+
+
+def test_openai_multi_turn_sends_the_history(fake_openai: tuple[FakeOpenAI, InProcessServer]) -> None:
+    fake, server = fake_openai
+    records = send(OpenAITarget(server.url, model="m"), "first", "second")
+    assert all(r.ok for r in records)
+    assert fake.bodies[1]["messages"] == [
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "turn 1 reply w0 w1 w2 w3"},
+        {"role": "user", "content": "second"},
+    ]
+
+
+def test_openai_in_band_error() -> None:
+    fake = FakeOpenAI(error_after=2)
+    conversation = Conversation()
+    with InProcessServer(fake.app()) as server:
+        records = send(OpenAITarget(server.url, model="m"), "a", "b", conversation=conversation)
+    assert [r.error for r in records] == ["stream_error:InternalServerError"] * 2
+    assert records[0].tokens == 2
+    assert conversation.history == []  # failed turns are not part of the history
+    assert fake.bodies[1]["messages"] == [{"role": "user", "content": "b"}]
+
+
+def test_openai_without_done_is_truncated_and_status_is_checked() -> None:
+    with InProcessServer(FakeOpenAI(truncate=True).app()) as server:
+        (truncated,) = send(OpenAITarget(server.url, model="m"), "a")
+    with InProcessServer(FakeOpenAI(status=400).app()) as server:
+        (refused,) = send(OpenAITarget(server.url, model="m"), "a")
+    assert truncated.error == "truncated"
+    assert truncated.tokens == 5
+    assert (refused.error, refused.status) == ("http_400", 400)
+
+
+def test_openai_model_discovery_failure_is_a_target_error(serve: Serve) -> None:
+    target = OpenAITarget(serve().url)  # chatsse has no /v1/models
+    with pytest.raises(TargetError, match="pass a model"):
+        send(target, "a")
