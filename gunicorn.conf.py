@@ -39,13 +39,16 @@ workers = _plan.workers
 bind = [_plan.bind]
 timeout = _plan.timeout
 graceful_timeout = _plan.graceful_timeout
-keepalive = 5
+keepalive = _plan.keepalive
 # Worker recycling stays off: a recycled worker must end its open streams, and chatsse's
 # memory is bounded by its settings, which is what recycling would otherwise guard.
 max_requests = 0
 loglevel = _plan.loglevel
-errorlog = "-"
+logconfig_dict = _plan.logconfig_dict  # CHATSSE_LOG_FORMAT for gunicorn's and uvicorn's lines too
 accesslog = None  # chatsse logs one line per request itself
+# gunicorn's control socket has one default path per user; several chatsse servers on one
+# machine (tests, notebooks) would take it from each other. chatsse does not use it.
+control_socket_disable = True
 
 
 def post_worker_init(worker):  # type: ignore[no-untyped-def]

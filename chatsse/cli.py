@@ -41,7 +41,8 @@ def _serve(args: argparse.Namespace) -> int:
     freeze_startup_objects()
     uvicorn.run(
         app, host=settings.host, port=settings.port, log_config=None,
-        timeout_graceful_shutdown=5, server_header=False,
+        timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_period + 1)),
+        timeout_keep_alive=settings.keepalive, server_header=False,
     )  # fmt: skip
     return 0
 

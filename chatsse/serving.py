@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 from uvicorn_worker import UvicornWorker
 
+from chatsse.logs import gunicorn_log_config
 from chatsse.settings import Settings
 
 DEFAULT_SQLITE_STORE = "sqlite:///.chatsse/conversations.db"
@@ -55,7 +56,9 @@ class GunicornPlan:
     store: str
     timeout: int
     graceful_timeout: int
+    keepalive: int
     loglevel: str
+    logconfig_dict: dict[str, Any]
 
 
 def choose_store(settings: Settings, environ: dict[str, str] | os._Environ[str]) -> str:
@@ -84,5 +87,7 @@ def plan(settings: Settings, environ: dict[str, str] | os._Environ[str]) -> Guni
         # it must outlast the grace period.
         timeout=max(30, grace + 10),
         graceful_timeout=grace + 5,
+        keepalive=settings.keepalive,
         loglevel=settings.log_level,
+        logconfig_dict=gunicorn_log_config(settings.log_level, settings.log_format),
     )

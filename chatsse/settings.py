@@ -42,6 +42,7 @@ class Settings(BaseSettings):
     store: str = Field("memory", min_length=1)
     workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256)
     shutdown_grace_period: float = Field(10.0, ge=0, le=3600)
+    keepalive: int = Field(5, ge=1, le=300)
 
     # Streaming
     sse_keepalive_interval: float = Field(15.0, gt=0, le=3600)

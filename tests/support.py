@@ -104,6 +104,19 @@ class FailingEngine:
         return None
 
 
+class FakeClock:
+    """A clock that moves only when told: ``clock.advance(seconds)``."""
+
+    def __init__(self, now: float = 1_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def wait_for(predicate: Any, timeout: float, interval: float = 0.01) -> bool:
     """Poll ``predicate`` until it is true or ``timeout`` seconds pass."""
     deadline = time.monotonic() + timeout

@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 import pytest
+from support import FakeClock
 
 from chatsse.conversations import (
     ConversationBusy,
@@ -27,17 +28,6 @@ TTL = 60.0
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture

@@ -265,3 +265,19 @@ def test_kill_9_of_a_worker_loses_no_completed_turn(tmp_path: Path) -> None:
                 stored = client.get(f"/conversations/{conversation_id}").json()["messages"]
                 assert stored[3]["content"] == r.deltas
                 assert stored[3]["finish_reason"] == "stop"
+
+
+def test_json_log_format_covers_gunicorn_and_uvicorn_lines(tmp_path: Path) -> None:
+    env = {**FAST_ENV, "CHATSSE_LOG_FORMAT": "json", "CHATSSE_LOG_LEVEL": "info"}
+    server = GunicornServer(workers=2, store=f"sqlite:///{tmp_path / 'c.db'}", env=env).start()
+    try:
+        httpx.get(f"{server.url}/health")
+        server.stop()
+        lines = [line for line in server.logs().splitlines() if line.strip()]
+    finally:
+        server.close()
+    parsed = [json.loads(line) for line in lines]  # every line is one JSON object
+    events = [p["event"] for p in parsed]
+    assert any(e.startswith("Starting gunicorn") for e in events)  # gunicorn's own
+    assert any(e.startswith("Started server process") for e in events)  # uvicorn's, in a worker
+    assert {p["path"] for p in parsed if p["event"] == "request"} == {"/health"}  # chatsse's

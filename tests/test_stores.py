@@ -24,6 +24,7 @@ import pytest
 import redis
 import redis.asyncio
 from redis_server import MISSING, redis_server, redis_server_binary
+from support import FakeClock
 
 from chatsse.conversations import (
     ConversationBusy,
@@ -49,17 +50,6 @@ Store = MemoryStore | SQLiteStore | RedisStore
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture
