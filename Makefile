@@ -66,11 +66,13 @@ load-test: $(STAMP) ## a short load test against a chatsse server it starts (or 
 	$(BIN)/python scripts/run_load_test.py $(if $(filter command line environment,$(origin URL)),$(URL),--serve) $(LOAD_ARGS)
 
 lab: $(STAMP) $(KERNEL) ## open the workbook in JupyterLab (kernel "chatsse (.venv)")
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root)
 
 notebooks-html: $(STAMP) $(KERNEL) ## execute the notebooks into build/notebooks/*.html
 	mkdir -p build/notebooks
-	$(BIN)/jupyter nbconvert --to html --execute --ExecutePreprocessor.timeout=600 \
+	# figures also as HTML with plotly.js inline, so the pages show them offline
+	PLOTLY_RENDERER=plotly_mimetype+notebook $(BIN)/jupyter nbconvert --to html --execute \
+		--ExecutePreprocessor.timeout=600 \
 		--output-dir build/notebooks $(NOTEBOOKS)
 
 lock: $(UV) ## re-resolve uv.lock after changing dependencies

@@ -40,7 +40,14 @@ from chatsse.engine import Engine, SimulatedEngine
 from chatsse.logs import configure_logging, get_logger
 from chatsse.metrics import Metrics
 from chatsse.middleware import SCOPE_ARRIVED, SCOPE_LOG_FIELDS, RequestContextMiddleware, error_body
-from chatsse.models import ChatRequest, ConversationInfo, ConversationList, ConversationOut, MessageOut
+from chatsse.models import (
+    ChatRequest,
+    ConversationInfo,
+    ConversationList,
+    ConversationOut,
+    ErrorBody,
+    MessageOut,
+)
 from chatsse.settings import Settings, load_settings
 from chatsse.sse import EventStreamResponse
 from chatsse.stores import open_store
@@ -243,11 +250,11 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
         "/chat",
         responses={
             200: {"content": {"text/event-stream": {}}, "description": "The reply as an SSE stream."},
-            404: {"description": "Unknown conversation."},
-            409: {"description": "Conversation busy (a turn in progress) or full."},
-            413: {"description": "Message over CHATSSE_MAX_MESSAGE_SIZE."},
-            422: {"description": "Invalid JSON or fields."},
-            503: {"description": "Too many open streams (Retry-After) or conversations."},
+            404: {"model": ErrorBody, "description": "Unknown conversation."},
+            409: {"model": ErrorBody, "description": "Conversation busy (a turn in progress) or full."},
+            413: {"model": ErrorBody, "description": "Message over CHATSSE_MAX_MESSAGE_SIZE."},
+            422: {"model": ErrorBody, "description": "Invalid JSON or fields."},
+            503: {"model": ErrorBody, "description": "Too many open streams, draining, or store down."},
         },
     )
     async def chat(body: ChatRequest, request: Request, state: State) -> Response:
