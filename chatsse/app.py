@@ -24,6 +24,7 @@ from fastapi.responses import HTMLResponse, Response
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from chatsse import __version__
 from chatsse.chat import ChatStream
@@ -49,7 +50,7 @@ from chatsse.models import (
     MessageOut,
 )
 from chatsse.settings import Settings, load_settings
-from chatsse.sse import EventStreamResponse
+from chatsse.sse import BODY_SEND_SCOPE_KEY, EventStreamResponse
 from chatsse.stores import open_store
 
 log = get_logger("chatsse.app")
@@ -61,6 +62,20 @@ ERROR_STATUS: dict[type[ConversationError], int] = {
 }
 # JSON escaping can grow a message up to six-fold (\uXXXX); allow that plus the envelope.
 _BODY_OVERHEAD = 4096
+
+
+class ChatsseApp(FastAPI):
+    """FastAPI, with the server's own ``send`` left in the scope for event-stream bodies
+    (chatsse/sse.py, point 5): outside every middleware, Starlette's error middleware too."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        stack = super().build_middleware_stack()
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            scope[BODY_SEND_SCOPE_KEY] = send
+            await stack(scope, receive, send)
+
+        return app
 
 
 class ApiError(Exception):
@@ -178,7 +193,7 @@ def create_app(
                 await engine.aclose()
                 await store.close()
 
-    app = FastAPI(title="chatsse", version=__version__, debug=settings.debug, lifespan=lifespan)
+    app = ChatsseApp(title="chatsse", version=__version__, debug=settings.debug, lifespan=lifespan)
     app.state.chatsse = state
     app.state.drain = state.drain  # the hook InProcessServer.stop() calls
     _add_error_handlers(app)

@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chatsse.conversations import new_id
 from chatsse.metrics import Metrics
-from chatsse.sse import BODY_SEND_SCOPE_KEY, dumps
+from chatsse.sse import dumps
 
 REQUEST_ID_HEADER = "x-request-id"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -44,7 +44,6 @@ class RequestContextMiddleware:
         fields: dict[str, Any] = {}
         scope[SCOPE_ARRIVED] = arrived
         scope[SCOPE_LOG_FIELDS] = fields
-        scope[BODY_SEND_SCOPE_KEY] = send  # for event-stream bodies: see chatsse/sse.py, point 5
         id_header = (REQUEST_ID_HEADER.encode(), request_id.encode())
         status = 500
 

@@ -33,9 +33,10 @@ structure (keepalive pings, the disconnect listener, the shutdown watcher) but r
    exception middleware and chatsse's request middleware each wrap ``send`` to see the
    response start; every event would pass through all of them. The response start goes
    through them as usual, so they all know the response has begun; the body events go
-   straight to the server's ``send``, which the request middleware leaves in the scope
-   (``chatsse.body_send``). Middleware that rewrites bodies (compression, which SSE must
-   not have anyway) would be bypassed; chatsse installs none.
+   straight to the server's ``send``, which the app leaves in the scope before any
+   middleware runs (``chatsse.body_send``, see ``ChatsseApp`` in chatsse/app.py).
+   Middleware that rewrites bodies (compression, which SSE must not have anyway) would be
+   bypassed; chatsse installs none.
 
 This overrides a private method, so the sse-starlette version is pinned to one major
 release in ``pyproject.toml``; ``tests/test_sse.py`` checks the behaviour it relies on.
