@@ -211,12 +211,9 @@ def test_sigterm_ends_open_streams_with_shutdown_event_within_grace(tmp_path: Pa
             assert stored[-1]["content"] == r.deltas
 
 
-def _busiest_worker(pids: list[int]) -> int:
-    def sockets(pid: int) -> int:
-        fds = Path(f"/proc/{pid}/fd")
-        return sum(1 for fd in fds.iterdir() if os.readlink(fd).startswith("socket:"))
-
-    return max(pids, key=sockets)
+def _sockets(pid: int) -> int:
+    fds = Path(f"/proc/{pid}/fd")
+    return sum(1 for fd in fds.iterdir() if os.readlink(fd).startswith("socket:"))
 
 
 def test_kill_9_of_a_worker_loses_no_completed_turn(tmp_path: Path) -> None:
@@ -231,14 +228,27 @@ def test_kill_9_of_a_worker_loses_no_completed_turn(tmp_path: Path) -> None:
         first_turns = {r.conversation_id: "".join(r.deltas) for r in replies}
 
     with GunicornServer(workers=4, store=store, env=env) as server:
+        workers = server.worker_pids()
+        baseline = {pid: _sockets(pid) for pid in workers}
+
+        def streams_by_worker() -> dict[int, int]:
+            return {pid: _sockets(pid) - baseline[pid] for pid in workers}
+
         readers = [
             StreamReader(server.url, {"message": "second turn", "conversation_id": c}) for c in first_turns
         ]
         for r in readers:
             r.start()
         assert wait_for(lambda: all(r.count("message") >= 2 for r in readers), 15)
-        old_workers = server.worker_pids()
-        victim = _busiest_worker(old_workers)
+        # The kernel may hand every connection to one worker: add streams until two workers have some.
+        while sum(1 for n in streams_by_worker().values() if n > 0) < 2 and len(readers) < 64:
+            more = [StreamReader(server.url, {"message": "a new conversation"}) for _ in range(8)]
+            for r in more:
+                r.start()
+            readers.extend(more)
+            assert wait_for(lambda: all(r.count("message") >= 2 for r in readers), 15)
+        load = streams_by_worker()
+        victim = max(load, key=load.__getitem__)
         os.kill(victim, signal.SIGKILL)
         for r in readers:
             r.join(20)
@@ -246,8 +256,8 @@ def test_kill_9_of_a_worker_loses_no_completed_turn(tmp_path: Path) -> None:
 
         broken = [r for r in readers if r.error is not None]
         finished = [r for r in readers if r.error is None]
-        assert broken  # the killed worker was streaming
-        assert finished  # the others kept streaming
+        assert len(broken) >= 1  # the killed worker was streaming
+        assert len(finished) >= 1  # the others kept streaming
         for r in broken:
             assert isinstance(r.error, httpx.RemoteProtocolError | httpx.ReadError)  # a clean error, no hang
         for r in finished:
@@ -263,8 +273,8 @@ def test_kill_9_of_a_worker_loses_no_completed_turn(tmp_path: Path) -> None:
             for r in finished:
                 conversation_id = r.events[0][1]["conversation_id"]
                 stored = client.get(f"/conversations/{conversation_id}").json()["messages"]
-                assert stored[3]["content"] == r.deltas
-                assert stored[3]["finish_reason"] == "stop"
+                assert stored[-1]["content"] == r.deltas
+                assert stored[-1]["finish_reason"] == "stop"
 
 
 def test_json_log_format_covers_gunicorn_and_uvicorn_lines(tmp_path: Path) -> None:
