@@ -33,12 +33,18 @@ class InProcessServer:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
-        graceful_timeout: float = 2.0,
+        graceful_timeout: float | None = None,
         **config: Any,
     ) -> None:
+        """``graceful_timeout``: how long ``stop()`` lets open connections finish; by default a
+        second more than a chatsse app's ``shutdown_grace_period`` (2 s for other apps)."""
         self.app = app
         self.host = host
         self.requested_port = port
+        if graceful_timeout is None:
+            state = getattr(getattr(app, "state", None), "chatsse", None)
+            grace = getattr(getattr(state, "settings", None), "shutdown_grace_period", None)
+            graceful_timeout = 2.0 if grace is None else grace + 1.0
         self.graceful_timeout = graceful_timeout
         self.config_options = config
         self.port: int | None = None

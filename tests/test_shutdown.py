@@ -65,12 +65,15 @@ def test_stop_ends_open_streams_with_a_shutdown_event_after_the_grace_period(ser
 
 
 def test_a_stream_that_finishes_within_the_grace_period_completes(serve: Serve) -> None:
+    # 2.5 s of reply, longer than uvicorn would wait by default: the server's graceful
+    # timeout follows the app's grace period.
     server = serve(
         shutdown_grace_period=5,
         sim_ttft_ms=0,
-        sim_token_interval_ms=20,
-        sim_reply_tokens_min=40,
-        sim_reply_tokens_max=40,
+        sim_token_interval_ms=25,
+        sim_reply_tokens_min=100,
+        sim_reply_tokens_max=100,
+        max_reply_tokens=100,
     )
     result: dict[str, object] = {}
     thread = threading.Thread(target=_read_stream, args=(server.url, {"message": "short"}, result))
