@@ -4,6 +4,7 @@ metrics over all workers, graceful shutdown and crash safety."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -148,6 +149,7 @@ class StreamReader(threading.Thread):
         self.events: list[tuple[str, dict[str, Any]]] = []
         self.error: BaseException | None = None
         self.ended_at: float | None = None
+        self.local_port: int | None = None
 
     def run(self) -> None:
         try:
@@ -155,6 +157,8 @@ class StreamReader(threading.Thread):
                 httpx.Client(base_url=self.url, timeout=20) as client,
                 client.stream("POST", "/chat", json=self.body) as response,
             ):
+                sock = response.extensions["network_stream"].get_extra_info("socket")
+                self.local_port = sock.getsockname()[1]
                 buffer = ""
                 for text in response.iter_text():
                     buffer += text
@@ -211,14 +215,28 @@ def test_sigterm_ends_open_streams_with_shutdown_event_within_grace(tmp_path: Pa
             assert stored[-1]["content"] == r.deltas
 
 
-def _sockets(pid: int) -> int:
-    fds = Path(f"/proc/{pid}/fd")
-    return sum(1 for fd in fds.iterdir() if os.readlink(fd).startswith("socket:"))
+def _client_ports_by_worker(pids: list[int], port: int) -> dict[int, set[int]]:
+    """For each worker, the client ports of its established connections on the server's port."""
+    inode_owner = {}
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inode_owner[target[8:-1]] = pid
+    ports: dict[int, set[int]] = {pid: set() for pid in pids}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
+            if state == "01" and int(local.rsplit(":", 1)[1], 16) == port and inode in inode_owner:
+                ports[inode_owner[inode]].add(int(remote.rsplit(":", 1)[1], 16))
+    return ports
 
 
 def test_kill_9_of_a_worker_loses_no_completed_turn(tmp_path: Path) -> None:
     store = f"sqlite:///{tmp_path / 'c.db'}"
-    env = {**SLOW_ENV, "CHATSSE_SIM_REPLY_TOKENS_MIN": "60", "CHATSSE_SIM_REPLY_TOKENS_MAX": "60"}
+    env = {**SLOW_ENV, "CHATSSE_SIM_REPLY_TOKENS_MIN": "120", "CHATSSE_SIM_REPLY_TOKENS_MAX": "120"}
     fast_env = {**env, "CHATSSE_SIM_TOKEN_INTERVAL_MS": "1"}
     with (
         GunicornServer(workers=4, store=store, env=fast_env) as fast,
@@ -228,11 +246,12 @@ def test_kill_9_of_a_worker_loses_no_completed_turn(tmp_path: Path) -> None:
         first_turns = {r.conversation_id: "".join(r.deltas) for r in replies}
 
     with GunicornServer(workers=4, store=store, env=env) as server:
+        assert wait_for(lambda: len(server.worker_pids()) == 4, 20)
         workers = server.worker_pids()
-        baseline = {pid: _sockets(pid) for pid in workers}
 
-        def streams_by_worker() -> dict[int, int]:
-            return {pid: _sockets(pid) - baseline[pid] for pid in workers}
+        def placement() -> dict[int, list[StreamReader]]:
+            ports = _client_ports_by_worker(workers, server.port)
+            return {pid: [r for r in readers if r.local_port in ports[pid]] for pid in workers}
 
         readers = [
             StreamReader(server.url, {"message": "second turn", "conversation_id": c}) for c in first_turns
@@ -241,26 +260,35 @@ def test_kill_9_of_a_worker_loses_no_completed_turn(tmp_path: Path) -> None:
             r.start()
         assert wait_for(lambda: all(r.count("message") >= 2 for r in readers), 15)
         # The kernel may hand every connection to one worker: add streams until two workers have some.
-        while sum(1 for n in streams_by_worker().values() if n > 0) < 2 and len(readers) < 64:
+        while sum(1 for on in placement().values() if on) < 2 and len(readers) < 64:
             more = [StreamReader(server.url, {"message": "a new conversation"}) for _ in range(8)]
             for r in more:
                 r.start()
             readers.extend(more)
             assert wait_for(lambda: all(r.count("message") >= 2 for r in readers), 15)
-        load = streams_by_worker()
-        victim = max(load, key=load.__getitem__)
+        where = placement()
+        assert sum(1 for on in where.values() if on) >= 2, {pid: len(on) for pid, on in where.items()}
+        victim = max(where, key=lambda pid: len(where[pid]))
+        killed_at = time.monotonic()
         os.kill(victim, signal.SIGKILL)
         for r in readers:
-            r.join(20)
+            r.join(30)
             assert not r.is_alive()
 
-        broken = [r for r in readers if r.error is not None]
-        finished = [r for r in readers if r.error is None]
-        assert len(broken) >= 1  # the killed worker was streaming
-        assert len(finished) >= 1  # the others kept streaming
-        for r in broken:
-            assert isinstance(r.error, httpx.RemoteProtocolError | httpx.ReadError)  # a clean error, no hang
+        # Every stream still open on the killed worker ends with a clean connection error, not a hang...
+        broken = [r for r in where[victim] if r.error is not None]
+        assert broken
+        for r in where[victim]:
+            if r.error is None:
+                assert r.ended_at is not None
+                assert r.ended_at <= killed_at  # it had finished before the kill
+            else:
+                assert isinstance(r.error, httpx.RemoteProtocolError | httpx.ReadError), r.error
+        # ...and every stream on the other workers streams on to its end.
+        finished = [r for r in readers if r not in broken]
+        assert len(finished) > len(where[victim]) - len(broken)
         for r in finished:
+            assert r.error is None, r.error
             assert r.events[-1][0] == "completed"
 
         # gunicorn replaces the worker.
