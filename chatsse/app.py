@@ -50,7 +50,7 @@ from chatsse.models import (
     MessageOut,
 )
 from chatsse.settings import Settings, load_settings
-from chatsse.sse import BODY_SEND_SCOPE_KEY, EventStreamResponse
+from chatsse.sse import BODY_SEND_SCOPE_KEY, EventStreamResponse, StreamRegistry
 from chatsse.stores import open_store
 
 log = get_logger("chatsse.app")
@@ -92,21 +92,27 @@ class ServerState:
     engine: Engine
     manager: ConversationManager
     metrics: Metrics
+    streams: StreamRegistry
     started_at: float = field(default_factory=time.time)
     open_streams: int = 0
-    draining: anyio.Event | None = None  # made in the server's event loop at start-up
-    loop: asyncio.AbstractEventLoop | None = None
+    draining: bool = False
+    loop: asyncio.AbstractEventLoop | None = None  # the server's, set at start-up
 
     def drain(self) -> None:
         """Begin a graceful shutdown: refuse new chats, give open streams the grace period.
         Safe to call from any thread."""
-        loop, draining = self.loop, self.draining
-        if loop is None or draining is None or draining.is_set():
+        loop = self.loop
+        if loop is None or self.draining:
             return
         if _running_loop() is loop:
-            draining.set()
+            self._drain()
         else:
-            loop.call_soon_threadsafe(draining.set)
+            loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        if not self.draining:
+            self.draining = True
+            self.streams.drain(self.settings.shutdown_grace_period)
 
     def reserve_stream(self) -> None:
         self.open_streams += 1
@@ -178,18 +184,19 @@ def create_app(
         engine=engine,
         manager=ConversationManager(store, max_history=settings.max_history_length),
         metrics=metrics,
+        streams=StreamRegistry(settings.sse_keepalive_interval),
     )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.loop = asyncio.get_running_loop()
-        state.draining = anyio.Event()
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(_watch_uvicorn_exit, state)
             try:
                 yield
             finally:
                 tasks.cancel_scope.cancel()
+                await state.streams.aclose()
                 await engine.aclose()
                 await store.close()
 
@@ -280,7 +287,7 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
             raise ApiError(
                 413, "message_too_large", f"message is {size} bytes; the limit is {s.max_message_size}"
             )
-        if state.draining is not None and state.draining.is_set():
+        if state.draining:
             state.metrics.rejections.labels("shutting_down").inc()
             raise ApiError(503, "shutting_down", "the server is shutting down", headers={"Retry-After": "1"})
         if state.open_streams >= s.max_concurrent_connections:
@@ -312,15 +319,7 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
             log_fields=request.scope.get(SCOPE_LOG_FIELDS, {}),
             release=state.release_stream,
         )
-        return EventStreamResponse(
-            stream,
-            ping=s.sse_keepalive_interval,
-            on_close=stream.close,
-            headers={"X-Accel-Buffering": "no"},
-            draining=state.draining,
-            grace_period=s.shutdown_grace_period,
-            on_shutdown=stream.shutdown,
-        )
+        return EventStreamResponse(stream, state.streams, on_close=stream.close, on_shutdown=stream.shutdown)
 
     @app.post("/conversations", status_code=201)
     async def create_conversation(state: State) -> ConversationOut:

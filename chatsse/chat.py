@@ -3,9 +3,10 @@
 The flow of one ``POST /chat`` (see README, "Protocol")::
 
     route: size and capacity checks -> manager.begin_turn (lock, store user message)
-    EventStreamResponse task group:
+    EventStreamResponse (chatsse/sse.py), in the request's task:
         ChatStream.__call__ (producer):  connected -> message* -> store reply -> completed
-        keepalive pings, disconnect listener, shutdown watcher (sse-starlette)
+        cancelled when the client goes away, or by the app's drain after the grace period
+        (then ChatStream.shutdown writes the final event)
     EventStreamResponse.__call__ finally: ChatStream.close() -> store a partial reply if
         the producer never finished (client gone), release the stream slot, record metrics
 

@@ -10,47 +10,46 @@ Every event chatsse sends is encoded here, straight to bytes::
 Event ids are ``<assistant message id>:<position>``, the position counting from 0 at
 ``connected``. Data is always one line of JSON, so no field ever needs splitting.
 
-Deliberate divergences from plain ``sse_starlette.EventSourceResponse`` usage
------------------------------------------------------------------------------
-:class:`EventStreamResponse` subclasses sse-starlette's response and keeps its task
-structure (keepalive pings, the disconnect listener, the shutdown watcher) but replaces
-``_stream_response``:
+Why not ``sse_starlette.EventSourceResponse``
+--------------------------------------------
+chatsse's :class:`EventStreamResponse` does the same jobs as sse-starlette's response
+(keepalive comments, cancelling the stream when the client goes away, ending streams on
+shutdown) with less work per event and per response; ``make bench`` and
+``scripts/bench_sse.py`` measure both:
 
-1. Instead of iterating a body iterator of ``ServerSentEvent`` objects, it awaits a
-   *producer* coroutine that writes pre-encoded bytes through ``emit``. No per-event
-   object, no per-event ``ensure_bytes`` copy, no per-event debug log call.
-2. ``emit`` calls the ASGI ``send`` directly. sse-starlette wraps every send in
-   ``anyio.move_on_after(send_timeout)``, a cancel scope per event even when no timeout
-   is set; ``scripts/bench_sse.py`` measures that cost. chatsse bounds a stream's life with
-   one deadline per stream (``CHATSSE_REQUEST_TIMEOUT``) instead.
-3. The producer is a plain coroutine, not an async generator, so a deadline can wrap the
-   whole stream without yielding across a cancel scope.
-4. Shutdown is per app, not per process: sse-starlette's exit watcher reads a process-global
-   flag that is never reset, so after one server in a process has shut down, every stream of
-   the next one would end at once. chatsse's streams watch their own app's ``draining``
-   event instead, and end with a final event rather than a silent cut.
-5. Events skip the ``send`` wrappers of the middleware stack. Starlette's error and
+1. Per response, sse-starlette runs an anyio task group of four tasks (the body, pings,
+   the disconnect listener, the exit watcher). chatsse runs the producer in the request's
+   own task plus one task waiting on ``receive``; keepalive and shutdown are jobs of the
+   app's :class:`StreamRegistry`, one ticker for all streams.
+2. The body is written by a *producer* coroutine through ``emit(bytes)``: events are
+   encoded straight to bytes (no ``ServerSentEvent`` object per event) and each goes to the
+   ASGI ``send`` directly. sse-starlette wraps every send in ``anyio.move_on_after``, a
+   cancel scope per event; chatsse bounds a stream with one deadline
+   (``CHATSSE_REQUEST_TIMEOUT``, in chatsse/chat.py).
+3. Shutdown is per app: sse-starlette's exit watcher reads a process-global flag that is
+   never reset, so after one server in a process has shut down every stream of the next one
+   would end at once. chatsse's registry drains its own app's streams, and each ends with a
+   final event rather than a silent cut.
+4. Events skip the ``send`` wrappers of the middleware stack. Starlette's error and
    exception middleware and chatsse's request middleware each wrap ``send`` to see the
    response start; every event would pass through all of them. The response start goes
-   through them as usual, so they all know the response has begun; the body events go
-   straight to the server's ``send``, which the app leaves in the scope before any
-   middleware runs (``chatsse.body_send``, see ``ChatsseApp`` in chatsse/app.py).
-   Middleware that rewrites bodies (compression, which SSE must not have anyway) would be
-   bypassed; chatsse installs none.
-
-This overrides a private method, so the sse-starlette version is pinned to one major
-release in ``pyproject.toml``; ``tests/test_sse.py`` checks the behaviour it relies on.
+   through them as usual; the body events go straight to the server's ``send``, which the
+   app leaves in the scope before any middleware runs (``chatsse.body_send``, see
+   ``ChatsseApp`` in chatsse/app.py). Middleware that rewrites bodies (compression, which
+   SSE must not have anyway) would be bypassed; chatsse installs none.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, Final
 
 import anyio
-from sse_starlette import EventSourceResponse, ServerSentEvent
-from starlette.types import Receive, Scope, Send
+from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
 
 _encode_json_string: Callable[[str], str] = json.encoder.encode_basestring
 
@@ -106,87 +105,190 @@ class StreamEncoder:
         ).encode()
 
 
-class _NoBody:
-    """Placeholder body iterator: :class:`EventStreamResponse` never iterates it."""
-
-    def __aiter__(self) -> _NoBody:
-        return self
-
-    async def __anext__(self) -> bytes:
-        raise StopAsyncIteration
+_KEEPALIVE: Final = b": keepalive\n\n"
+_SSE_HEADERS: Final = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
 
 
-def _keepalive() -> ServerSentEvent:
-    return ServerSentEvent(comment="keepalive", sep="\n")
+class OpenStream:
+    """One response in flight: what its app's :class:`StreamRegistry` needs to reach it."""
+
+    __slots__ = (
+        "_receive", "_send", "_waiter", "cancel_scope", "closed", "disconnected", "ping_task", "shut_down",
+        "wrote",
+    )  # fmt: skip
+
+    def __init__(self, send: Send, receive: Receive) -> None:
+        self._send = send
+        self._receive = receive
+        self._waiter: asyncio.Future[Message] | None = None
+        self.cancel_scope = anyio.CancelScope()
+        self.wrote = False  # an event went out since the keepalive ticker last looked
+        self.ping_task: asyncio.Task[None] | None = None
+        self.closed = False  # the last body message is being sent or has been
+        self.disconnected = False
+        self.shut_down = False
+
+    async def emit(self, chunk: bytes) -> None:
+        """The hot path: one flag, one dict, one ``send``."""
+        self.wrote = True
+        await self._send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+    async def finish(self) -> None:
+        self.closed = True
+        await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def ping(self) -> None:
+        try:
+            if not self.closed:
+                await self._send({"type": "http.response.body", "body": _KEEPALIVE, "more_body": True})
+        except Exception:  # the response ended while the ping waited to be written
+            pass
+        finally:
+            self.ping_task = None
+
+    def listen(self) -> None:
+        """Wait, in a task of its own, for the client to go away."""
+        self._waiter = waiter = asyncio.ensure_future(self._receive())
+        waiter.add_done_callback(self._received)
+
+    def stop_listening(self) -> None:
+        if self._waiter is not None:
+            self._waiter.cancel()
+
+    def _received(self, waiter: asyncio.Future[Message]) -> None:
+        if waiter.cancelled() or self.closed:
+            return
+        if waiter.exception() is None and waiter.result()["type"] != "http.disconnect":
+            self.listen()  # more request body nobody asked for: keep listening
+            return
+        self.disconnected = True
+        self.cancel_scope.cancel()
+
+    def shutdown(self) -> None:
+        if not self.closed and not self.disconnected:
+            self.shut_down = True
+            self.cancel_scope.cancel()
 
 
-class EventStreamResponse(EventSourceResponse):
-    """An sse-starlette response whose body is written by ``producer(emit)``.
+class StreamRegistry:
+    """The open event streams of one app, and the two jobs done for all of them at once.
 
-    Shutdown: when ``draining`` is set, the stream may run on for ``grace_period`` seconds;
-    if it has not finished by then, the producer is cancelled and ``on_shutdown(emit)``
-    writes the stream's last event. sse-starlette's own exit watcher (a process-global flag
-    that, once set, ends every later stream in the process too) is not used.
+    - Keepalive: one ticker task, alive only while streams are open, wakes every half
+      interval and writes a comment to each stream that sent nothing since the last tick,
+      so no stream is silent for longer than the interval.
+    - Shutdown: :meth:`drain` gives the open streams the grace period, then cancels the
+      producers of those still running; each writes its final event (``on_shutdown``).
+
+    Per-app, not per-process (unlike sse-starlette's exit flag), and no task per stream for
+    either job.
+    """
+
+    def __init__(self, keepalive_interval: float = 15.0) -> None:
+        self.keepalive_interval = keepalive_interval
+        self._streams: set[OpenStream] = set()
+        self._ticker: asyncio.Task[None] | None = None
+        self._drainer: asyncio.Task[None] | None = None
+        self._emptied: asyncio.Event | None = None  # made when a drain starts
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def add(self, stream: OpenStream) -> None:
+        self._streams.add(stream)
+        if self._ticker is None:
+            self._ticker = asyncio.ensure_future(self._keepalive())
+
+    def discard(self, stream: OpenStream) -> None:
+        self._streams.discard(stream)
+        if not self._streams and self._emptied is not None:
+            self._emptied.set()
+
+    async def _keepalive(self) -> None:
+        try:
+            while self._streams:
+                await asyncio.sleep(self.keepalive_interval / 2)
+                for stream in list(self._streams):
+                    if stream.wrote:
+                        stream.wrote = False
+                    elif stream.ping_task is None and not stream.closed:
+                        stream.ping_task = asyncio.ensure_future(stream.ping())
+        finally:
+            self._ticker = None
+
+    def drain(self, grace_period: float) -> None:
+        """Start the graceful end of every open stream (call in the server's event loop)."""
+        if self._drainer is None:
+            self._drainer = asyncio.ensure_future(self._drain(grace_period))
+
+    async def _drain(self, grace_period: float) -> None:
+        self._emptied = asyncio.Event()
+        if self._streams:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._emptied.wait(), grace_period)
+        for stream in list(self._streams):
+            stream.shutdown()
+
+    async def aclose(self) -> None:
+        """Stop the background tasks (the app's lifespan ends)."""
+        for task in (self._ticker, self._drainer):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+
+class EventStreamResponse(Response):
+    """An ASGI response whose ``text/event-stream`` body is written by ``producer(emit)``.
+
+    Per response: the ``http.response.start`` message, one task waiting on ``receive`` for
+    the client to go away (which cancels the producer), and the producer running in the
+    request's own task. Keepalive and shutdown are the registry's. ``on_shutdown(emit)``
+    writes the stream's last event when the registry's drain cancels the producer;
+    ``on_close()`` runs once, however the response ends.
     """
 
     def __init__(
         self,
         producer: Producer,
+        registry: StreamRegistry,
         *,
         headers: Mapping[str, str] | None = None,
-        ping: float = 15.0,
         on_close: Callable[[], Awaitable[None]] | None = None,
-        draining: anyio.Event | None = None,
-        grace_period: float = 0.0,
         on_shutdown: Callable[[Emit], Awaitable[None]] | None = None,
     ) -> None:
-        super().__init__(
-            _NoBody(),
-            headers={"Cache-Control": "no-cache", **(headers or {})},
-            ping=ping,
-            sep="\n",
-            ping_message_factory=_keepalive,
-        )
-        self._producer = producer
-        self._on_close = on_close
-        self._draining = draining
-        self._grace_period = grace_period
-        self._on_shutdown = on_shutdown
-        self._producer_scope = anyio.CancelScope()
-        self._produced = anyio.Event()
-
-    async def _stream_response(self, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        body_send = self._body_send or send
-
-        async def emit(chunk: bytes) -> None:
-            await body_send({"type": "http.response.body", "body": chunk, "more_body": True})
-
-        with self._producer_scope:
-            await self._producer(emit)
-        self._produced.set()
-        if self._producer_scope.cancelled_caught and self._on_shutdown is not None:
-            await self._on_shutdown(emit)
-        async with self._send_lock:
-            self.active = False
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-    async def _listen_for_exit_signal_with_grace(self) -> None:
-        if self._draining is None:
-            await anyio.sleep_forever()
-            return
-        await self._draining.wait()
-        with anyio.move_on_after(self._grace_period):
-            await self._produced.wait()
-        if not self._produced.is_set():
-            self._producer_scope.cancel()
-        # Returning would cancel the whole response; _stream_response ends it instead.
-        await anyio.sleep_forever()
+        self.producer = producer
+        self.registry = registry
+        self.raw_headers = _SSE_HEADERS
+        if headers:
+            extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+            self.raw_headers = [*_SSE_HEADERS, *extra]
+        self.on_close = on_close
+        self.on_shutdown = on_shutdown
+        self.status_code = 200
+        self.background = None  # Response's; FastAPI may attach background tasks here
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self._body_send: Send | None = scope.get(BODY_SEND_SCOPE_KEY)
         try:
-            await super().__call__(scope, receive, send)
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            stream = OpenStream(scope.get(BODY_SEND_SCOPE_KEY) or send, receive)
+            stream.listen()
+            self.registry.add(stream)
+            try:
+                with stream.cancel_scope:
+                    await self.producer(stream.emit)
+                if stream.shut_down and self.on_shutdown is not None:
+                    await self.on_shutdown(stream.emit)
+                if not stream.disconnected:
+                    await stream.finish()
+            finally:
+                self.registry.discard(stream)
+                stream.stop_listening()
         finally:
-            if self._on_close is not None:
-                await self._on_close()
+            if self.on_close is not None:
+                await self.on_close()
+        if self.background is not None:
+            await self.background()

@@ -27,7 +27,7 @@ from typing import Any
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from chatsse import Settings, create_app
-from chatsse.sse import Emit, EventStreamResponse, StreamEncoder
+from chatsse.sse import Emit, EventStreamResponse, StreamEncoder, StreamRegistry
 
 Scope = dict[str, Any]
 App = Callable[[Scope, Any, Any], Awaitable[None]]
@@ -123,8 +123,10 @@ def chatsse_response(events: int) -> App:
         for chunk in chunks:
             await emit(chunk)
 
+    registry = StreamRegistry(keepalive_interval=600)
+
     async def app(scope: Scope, receive: Any, send: Any) -> None:
-        await EventStreamResponse(producer, ping=600)(scope, receive, send)
+        await EventStreamResponse(producer, registry)(scope, receive, send)
 
     return app
 

@@ -237,6 +237,7 @@ def test_disconnect_cancels_generation_and_stores_partial_reply(serve: Serve) ->
     response.close()
     client.close()
     assert wait_for(lambda: httpx.get(f"{server.url}/health").json()["open_streams"] == 0, 1.0)
+    assert len(server.app.state.chatsse.streams) == 0  # type: ignore[attr-defined]  # nothing left behind
 
     events = [block for block in received.decode().split("\n\n") if block]
     connected = json.loads(events[0].split("data: ", 1)[1])
@@ -288,6 +289,20 @@ def test_keepalive_comments_while_idle(serve: Serve) -> None:
         body = b"".join(r.iter_bytes())
     head = body.split(b"event: message", 1)[0]
     assert b"\n: keepalive\n\n" in head
+
+
+def test_no_keepalive_comments_while_events_flow(serve: Serve) -> None:
+    server = serve(
+        sse_keepalive_interval=0.5, sim_ttft_ms=0, sim_token_interval_ms=10,
+        sim_reply_tokens_min=150, sim_reply_tokens_max=150, max_reply_tokens=150,
+    )  # fmt: skip
+    with (
+        httpx.Client(base_url=server.url) as client,
+        client.stream("POST", "/chat", json={"message": "keep talking"}) as r,
+    ):
+        body = b"".join(r.iter_bytes())
+    assert body.count(b"event: message") == 150  # 1.5 s of events, 10 ms apart...
+    assert b": keepalive" not in body  # ...so no comment was needed
 
 
 def test_conversation_expires_after_ttl(serve: Serve) -> None:

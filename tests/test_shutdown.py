@@ -8,7 +8,6 @@ import threading
 import time
 
 import httpx
-import pytest
 from conftest import Serve
 from support import chat
 
@@ -113,16 +112,24 @@ def test_a_server_started_after_another_stopped_streams_normally(serve: Serve) -
     assert len(reply.deltas) >= 30
 
 
-def test_sse_starlette_process_exit_flag_does_not_end_streams(
-    serve: Serve, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """sse-starlette sets AppStatus.should_exit when any uvicorn server in the process gets a
-    signal, and never resets it; a stream watching it would end at once."""
-    from sse_starlette.sse import AppStatus
-
-    monkeypatch.setattr(AppStatus, "should_exit", True)
-    server = serve(sim_ttft_ms=0, sim_token_interval_ms=20, sim_reply_tokens_min=30, sim_reply_tokens_max=30)
-    with httpx.Client(base_url=server.url) as client:
-        reply = chat(client, "still streaming after another server's exit?")
-    assert reply.events[-1].event == "completed"
-    assert len(reply.deltas) >= 30
+def test_draining_one_server_leaves_another_in_the_same_process_streaming(serve: Serve) -> None:
+    """Shutdown is per app: one server's drain never touches another server's streams."""
+    first = serve(shutdown_grace_period=0.1, **SLOW)
+    second = serve(
+        sim_ttft_ms=0, sim_token_interval_ms=20, sim_reply_tokens_min=40, sim_reply_tokens_max=40, max_reply_tokens=40
+    )  # fmt: skip
+    results: list[dict[str, object]] = [{}, {}]
+    threads = [
+        threading.Thread(target=_read_stream, args=(first.url, {"message": "a"}, results[0])),
+        threading.Thread(target=_read_stream, args=(second.url, {"message": "b"}, results[1])),
+    ]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)
+    first.app.state.drain()  # type: ignore[attr-defined]
+    for t in threads:
+        t.join(10)
+    assert _events(results[0]["raw"])[-1][1]["type"] == "shutdown"  # type: ignore[arg-type]
+    second_events = _events(results[1]["raw"])  # type: ignore[arg-type]
+    assert second_events[-1][0] == "completed"
+    assert sum(1 for name, _ in second_events if name == "message") == 40
