@@ -18,12 +18,14 @@ from importlib.resources import files
 from typing import Annotated, Any
 
 import anyio
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response
+from pydantic import ValidationError
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from chatsse import __version__
@@ -146,15 +148,6 @@ async def _watch_uvicorn_exit(state: ServerState) -> None:
         await anyio.sleep(0.2)
 
 
-async def get_state(request: Request) -> ServerState:
-    # async: FastAPI would run a plain function in a worker thread, on every request
-    state: ServerState = request.app.state.chatsse
-    return state
-
-
-State = Annotated[ServerState, Depends(get_state)]
-
-
 def _conversation_out(info: ConversationInfo, messages: list[MessageOut] | None = None) -> ConversationOut:
     return ConversationOut(**info.to_dict(), messages=messages)
 
@@ -204,7 +197,7 @@ def create_app(
     app.state.chatsse = state
     app.state.drain = state.drain  # the hook InProcessServer.stop() calls
     _add_error_handlers(app)
-    _add_routes(app, settings)
+    _add_routes(app, state)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -261,7 +254,8 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _json_error(exc.status_code, error_type, str(exc.detail), exc.headers)
 
 
-def _add_routes(app: FastAPI, settings: Settings) -> None:
+def _add_routes(app: FastAPI, state: ServerState) -> None:
+    """The routes, closed over the app's state (no per-request dependency to resolve)."""
     page = files("chatsse").joinpath("static/index.html").read_bytes()
 
     @app.get("/", include_in_schema=False)
@@ -279,7 +273,7 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
             503: {"model": ErrorBody, "description": "Too many open streams, draining, or store down."},
         },
     )
-    async def chat(body: ChatRequest, request: Request, state: State) -> Response:
+    async def chat(body: ChatRequest, request: Request) -> Response:
         s = state.settings
         size = len(body.message.encode())
         if size > s.max_message_size:
@@ -321,14 +315,30 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
         )
         return EventStreamResponse(stream, state.streams, on_close=stream.close, on_shutdown=stream.shutdown)
 
+    async def chat_fast_path(request: Request) -> Response:
+        """``POST /chat`` without FastAPI's per-request machinery (dependency solving, body
+        field handling, the exit stack): about 30 us less per turn, measured by
+        ``make bench``. Same validation (pydantic, errors answered by ``invalid_request``)
+        and the same handler; the route declared above documents it in the OpenAPI schema."""
+        request.scope["route"] = fast_route  # as FastAPI's routes do: metrics label requests by it
+        try:
+            body = ChatRequest.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise RequestValidationError(
+                [{**error, "loc": ("body", *error["loc"])} for error in exc.errors(include_url=False)]
+            ) from None
+        return await chat(body, request)
+
+    # Matched before the FastAPI route for the same path and method.
+    fast_route = Route("/chat", chat_fast_path, methods=["POST"])
+    app.router.routes.insert(0, fast_route)
+
     @app.post("/conversations", status_code=201)
-    async def create_conversation(state: State) -> ConversationOut:
+    async def create_conversation() -> ConversationOut:
         return _conversation_out(await state.manager.create(), [])
 
     @app.get("/conversations")
-    async def list_conversations(
-        state: State, limit: Annotated[int, Query(ge=1, le=1000)] = 100
-    ) -> ConversationList:
+    async def list_conversations(limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> ConversationList:
         infos = await state.manager.list(limit)
         return ConversationList(
             conversations=[_conversation_out(i) for i in infos], total=await state.manager.count()
@@ -336,7 +346,7 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
 
     @app.get("/conversations/{conversation_id}")
     async def get_conversation(
-        conversation_id: str, state: State, limit: Annotated[int | None, Query(ge=1)] = None
+        conversation_id: str, limit: Annotated[int | None, Query(ge=1)] = None
     ) -> ConversationOut:
         info = await state.manager.get(conversation_id)
         if info is None:
@@ -345,13 +355,13 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
         return _conversation_out(info, [MessageOut(**m.to_dict()) for m in messages])
 
     @app.delete("/conversations/{conversation_id}", status_code=204)
-    async def delete_conversation(conversation_id: str, state: State) -> Response:
+    async def delete_conversation(conversation_id: str) -> Response:
         if not await state.manager.delete(conversation_id):
             raise ConversationNotFound(f"no conversation {conversation_id}")
         return Response(status_code=204)
 
     @app.get("/health")
-    async def health(state: State) -> dict[str, Any]:
+    async def health() -> dict[str, Any]:
         return {
             "status": "ok",
             "version": __version__,
@@ -363,12 +373,12 @@ def _add_routes(app: FastAPI, settings: Settings) -> None:
         }
 
     @app.get("/metrics", include_in_schema=False)
-    async def metrics(state: State) -> Response:
+    async def metrics() -> Response:
         state.metrics.conversations.set(await state.manager.count())
         return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
     @app.get("/stats")
-    async def stats(state: State) -> dict[str, Any]:
+    async def stats() -> dict[str, Any]:
         state.metrics.conversations.set(await state.manager.count())
         return {
             "version": __version__,

@@ -66,11 +66,14 @@ class ChatStream:
         self.generation: Generation | None = None
         self.finish_reason: FinishReason | None = None
         self._closed = False
+        self._generated = False  # the engine ran to its end
 
     def _ms_since_arrival(self, at: float) -> float:
         return round((at - self.arrived) * 1000, 3)
 
-    async def __call__(self, emit: Emit) -> None:
+    async def __call__(self, emit: Emit) -> bytes | None:
+        """Stream the turn; returns the ``completed`` event (the response sends it with the
+        end of the body), or None after writing an ``error`` event."""
         turn, enc, parts = self.turn, self.encoder, self.parts
         try:
             with anyio.fail_after(self.timeout):
@@ -95,43 +98,40 @@ class ChatStream:
                     if self.first_token_at is None:
                         self.first_token_at = time.perf_counter()
                 reason: FinishReason = generation.finish_reason or "stop"
+                self._generated = True
         except TimeoutError:
             await self._fail("timeout", f"no complete reply within {self.timeout:g} s", emit)
-            return
+            return None
         except Exception as exc:
             await self._fail("error", f"{type(exc).__name__}: {exc}", emit, error_type="engine_error")
-            return
+            return None
 
         content = "".join(parts)
         try:
             await self._finish(content, reason)
         except Exception as exc:
             await self._emit_error(emit, "storage_error", f"reply not stored: {exc}")
-            return
+            return None
         done = time.perf_counter()
         prompt_tokens = self.generation.prompt_tokens
         completion_tokens = self.generation.completion_tokens
-        await emit(
-            enc.event(
-                "completed",
-                {
-                    "conversation_id": turn.conversation_id,
-                    "message_id": turn.reply_id,
-                    "content": content,
-                    "finish_reason": reason,
-                    "usage": {
-                        "prompt_tokens": prompt_tokens,
-                        "completion_tokens": completion_tokens,
-                        "total_tokens": prompt_tokens + completion_tokens,
-                    },
-                    "timings": {
-                        "ttft_ms": (
-                            self._ms_since_arrival(self.first_token_at) if self.first_token_at else None
-                        ),
-                        "total_ms": self._ms_since_arrival(done),
-                    },
+        return enc.event(
+            "completed",
+            {
+                "conversation_id": turn.conversation_id,
+                "message_id": turn.reply_id,
+                "content": content,
+                "finish_reason": reason,
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
                 },
-            )
+                "timings": {
+                    "ttft_ms": (self._ms_since_arrival(self.first_token_at) if self.first_token_at else None),
+                    "total_ms": self._ms_since_arrival(done),
+                },
+            },
         )
 
     async def _fail(
@@ -169,6 +169,10 @@ class ChatStream:
         if self._closed:
             return
         self._closed = True
+        if self._generated and self.finish_reason is not None:  # the usual end: nothing to clean up
+            self._release()
+            self._record()
+            return
         try:
             with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT):
                 if self.generation is not None:

@@ -263,26 +263,31 @@ class SimulatedEngine:
 
     def compose(self, messages: Sequence[Message], rng: random.Random) -> str:
         """The full reply text for a history (whose last user message it answers)."""
+        return "".join(self._compose_tokens(messages, rng))
+
+    def _compose_tokens(self, messages: Sequence[Message], rng: random.Random) -> list[str]:
+        # Parts are joined by single spaces; tokenizing " " + part gives exactly the tokens
+        # of that part within the joined text (a token carries its leading whitespace).
         users = [m.content for m in messages if m.role == "user"]
         last = users[-1] if users else ""
         topic = _topic(last)
-        parts = [rng.choice(_OPENINGS).format(quote=_quote(last))]
+        tokens = tokenize(rng.choice(_OPENINGS).format(quote=_quote(last)))
+        parts = 1
         if len(users) > 1:
-            parts.append(rng.choice(_FOLLOW_UPS).format(earlier=_topic(users[-2])))
+            tokens += tokenize(" " + rng.choice(_FOLLOW_UPS).format(earlier=_topic(users[-2])))
+            parts += 1
         target = rng.randint(*self.reply_tokens)
         pool = list(_SENTENCES)
         rng.shuffle(pool)
-        tokens = sum(len(tokenize(p)) for p in parts)
-        while tokens < target:
-            sentence = pool[len(parts) % len(pool)].format(topic=topic)
-            parts.append(sentence)
-            tokens += len(tokenize(sentence))
-        return " ".join(parts)
+        while len(tokens) < target:
+            tokens += tokenize(" " + pool[parts % len(pool)].format(topic=topic))
+            parts += 1
+        return tokens
 
     def generate(self, messages: Sequence[Message], *, max_tokens: int) -> SimulatedGeneration:
         history = "\x1e".join(f"{m.role}:{m.content}" for m in messages)
         rng = random.Random(f"{self.seed}\x1f{history}")
-        tokens = tokenize(self.compose(messages, rng))
+        tokens = self._compose_tokens(messages, rng)
         reason: CompletionReason = "stop"
         if len(tokens) > max_tokens:
             tokens, reason = tokens[:max_tokens], "length"

@@ -54,16 +54,17 @@ class RequestContextMiddleware:
                 message["headers"] = [*message.get("headers", ()), id_header]
             await send(message)
 
-        with structlog.contextvars.bound_contextvars(request_id=request_id):
-            try:
-                too_large = _declared_length(scope) > self.max_body_bytes
-                if too_large:
-                    await _send_error(send_with_id, 413, "request_too_large",
-                                      f"request body over {self.max_body_bytes} bytes")  # fmt: skip
-                else:
-                    await self.app(scope, _limited(receive, self.max_body_bytes), send_with_id)
-            finally:
-                self._record(scope, status, arrived, fields)
+        tokens = structlog.contextvars.bind_contextvars(request_id=request_id)
+        try:
+            too_large = _declared_length(scope) > self.max_body_bytes
+            if too_large:
+                await _send_error(send_with_id, 413, "request_too_large",
+                                  f"request body over {self.max_body_bytes} bytes")  # fmt: skip
+            else:
+                await self.app(scope, _limited(receive, self.max_body_bytes), send_with_id)
+        finally:
+            self._record(scope, status, arrived, fields)
+            structlog.contextvars.reset_contextvars(**tokens)
 
     def _record(self, scope: Scope, status: int, arrived: float, fields: dict[str, Any]) -> None:
         duration = time.perf_counter() - arrived

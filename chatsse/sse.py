@@ -55,7 +55,9 @@ _encode_json_string: Callable[[str], str] = json.encoder.encode_basestring
 
 Emit = Callable[[bytes], Awaitable[None]]
 BODY_SEND_SCOPE_KEY = "chatsse.body_send"
-Producer = Callable[[Emit], Awaitable[None]]
+# A producer writes a stream's events through ``emit`` and may return its last event, which
+# then goes out in the same write as the end of the body.
+Producer = Callable[[Emit], Awaitable[bytes | None]]
 
 
 def dumps(data: Any) -> str:
@@ -137,9 +139,9 @@ class OpenStream:
         self.wrote = True
         await self._send({"type": "http.response.body", "body": chunk, "more_body": True})
 
-    async def finish(self) -> None:
+    async def finish(self, last: bytes | None = None) -> None:
         self.closed = True
-        await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+        await self._send({"type": "http.response.body", "body": last or b"", "more_body": False})
 
     async def ping(self) -> None:
         try:
@@ -242,7 +244,8 @@ class StreamRegistry:
 
 
 class EventStreamResponse(Response):
-    """An ASGI response whose ``text/event-stream`` body is written by ``producer(emit)``.
+    """An ASGI response whose ``text/event-stream`` body is written by ``producer(emit)``
+    (and, when the producer returns one, its last event).
 
     Per response: the ``http.response.start`` message, one task waiting on ``receive`` for
     the client to go away (which cancels the producer), and the producer running in the
@@ -278,12 +281,13 @@ class EventStreamResponse(Response):
             stream.listen()
             self.registry.add(stream)
             try:
+                last = None
                 with stream.cancel_scope:
-                    await self.producer(stream.emit)
-                if stream.shut_down and self.on_shutdown is not None:
+                    last = await self.producer(stream.emit)
+                if stream.shut_down and stream.cancel_scope.cancelled_caught and self.on_shutdown is not None:
                     await self.on_shutdown(stream.emit)
                 if not stream.disconnected:
-                    await stream.finish()
+                    await stream.finish(last)
             finally:
                 self.registry.discard(stream)
                 stream.stop_listening()

@@ -112,3 +112,15 @@ def test_unreachable_store_answers_503_storage_unavailable(serve: Serve) -> None
         assert response.headers["retry-after"] == "1"
         assert client.get("/conversations").status_code == 503
         assert client.get("/health").json()["open_streams"] == 0
+
+
+def test_openapi_documents_chat_with_its_body_and_errors(client: httpx.Client) -> None:
+    schema = client.get("/openapi.json").json()
+    chat = schema["paths"]["/chat"]["post"]
+    body = chat["requestBody"]["content"]["application/json"]["schema"]
+    assert body["$ref"].endswith("/ChatRequest")
+    assert set(schema["components"]["schemas"]["ChatRequest"]["properties"]) == {
+        "message", "conversation_id", "max_tokens",
+    }  # fmt: skip
+    assert "text/event-stream" in chat["responses"]["200"]["content"]
+    assert {"404", "409", "413", "422", "503"} <= set(chat["responses"])

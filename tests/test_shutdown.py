@@ -116,7 +116,8 @@ def test_draining_one_server_leaves_another_in_the_same_process_streaming(serve:
     """Shutdown is per app: one server's drain never touches another server's streams."""
     first = serve(shutdown_grace_period=0.1, **SLOW)
     second = serve(
-        sim_ttft_ms=0, sim_token_interval_ms=20, sim_reply_tokens_min=40, sim_reply_tokens_max=40, max_reply_tokens=40
+        sim_ttft_ms=0, sim_token_interval_ms=20,
+        sim_reply_tokens_min=40, sim_reply_tokens_max=40, max_reply_tokens=40,
     )  # fmt: skip
     results: list[dict[str, object]] = [{}, {}]
     threads = [
