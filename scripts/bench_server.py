@@ -22,6 +22,9 @@ Measurements (server CPU = utime + stime of the server process, from ``/proc/<pi
    streams added. VmHWM is the peak.
 5. Client CPU per event: this process's CPU during step 1 / events received.
 
+Steps 1 and 2 run three times per server, in rounds that visit every server in turn; the
+report gives the median run and every run's figure (``all_server_us_per_*`` in the JSON).
+
 Usage: ``python scripts/bench_server.py [--quick] [--output bench.json]``
 """
 
@@ -74,6 +77,7 @@ class Plan:
     paced_max: int = 3200
     streams: int = 1000
     settle: float = 0.5  # seconds to let memory settle before reading it
+    repeats: int = 3  # CPU measurements per server, interleaved across servers; medians reported
 
 
 QUICK = Plan(
@@ -87,6 +91,7 @@ QUICK = Plan(
     paced_max=10,
     streams=40,
     settle=0.1,
+    repeats=1,
 )
 
 
@@ -340,7 +345,8 @@ async def memory_per_stream(server: ServerProcess, plan: Plan) -> dict[str, Any]
     }
 
 
-async def bench_server(name: str, plan: Plan, *, pin: bool, log: Any) -> dict[str, Any]:
+async def bench_cpu(name: str, plan: Plan, *, pin: bool, log: Any) -> dict[str, Any]:
+    """One round of the CPU measurements (1, 2 and 5 above), each on a fresh server."""
     out: dict[str, Any] = {}
     with running(name, reply_env(name, tokens=plan.long_tokens, interval_ms=0), pin=pin) as server:
         print(f"{name}: CPU per event ({plan.long_requests} x {plan.long_tokens} tokens)", file=log)
@@ -348,6 +354,12 @@ async def bench_server(name: str, plan: Plan, *, pin: bool, log: Any) -> dict[st
     with running(name, reply_env(name, tokens=plan.short_tokens, interval_ms=0), pin=pin) as server:
         print(f"{name}: CPU per request ({plan.short_requests} x {plan.short_tokens} tokens)", file=log)
         out["requests"] = await cpu_per_request(server, plan)
+    return out
+
+
+async def bench_streams(name: str, plan: Plan, *, pin: bool, log: Any) -> dict[str, Any]:
+    """Streams held at the paced rate, and memory per open stream (3 and 4 above)."""
+    out: dict[str, Any] = {}
     # Replies long enough to outlive the memory measurement; paced runs ask for fewer tokens.
     slow = reply_env(
         name, tokens=max(plan.paced_tokens, int(60_000 / plan.interval_ms)), interval_ms=plan.interval_ms
@@ -360,6 +372,31 @@ async def bench_server(name: str, plan: Plan, *, pin: bool, log: Any) -> dict[st
         print(f"{name}: memory of {plan.streams} open streams", file=log)
         out["memory"] = await memory_per_stream(server, plan)
     return out
+
+
+def median_run(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """The run with the median ``key`` (the lower middle one for an even count), with every
+    run's value of ``key`` alongside, so the spread is in the report."""
+    ordered = sorted(runs, key=lambda run: float(run[key]))
+    return {**ordered[(len(ordered) - 1) // 2], "all_" + key: [run[key] for run in runs]}
+
+
+async def bench_servers(names: list[str], plan: Plan, *, pin: bool, log: Any) -> dict[str, dict[str, Any]]:
+    """CPU rounds interleaved across servers (slow drifts of a shared machine then touch every
+    server alike), then the stream measurements server by server."""
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for round_ in range(plan.repeats):
+        for name in names:
+            print(f"-- round {round_ + 1} of {plan.repeats}", file=log)
+            rounds[name].append(await bench_cpu(name, plan, pin=pin, log=log))
+    servers: dict[str, dict[str, Any]] = {}
+    for name in names:
+        servers[name] = {
+            "events": median_run([r["events"] for r in rounds[name]], "server_us_per_event"),
+            "requests": median_run([r["requests"] for r in rounds[name]], "server_us_per_request"),
+            **await bench_streams(name, plan, pin=pin, log=log),
+        }
+    return servers
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -453,10 +490,8 @@ def main(argv: list[str] | None = None) -> int:
         loop_factory = uvloop.new_event_loop
     except ImportError:  # pragma: no cover - uvicorn[standard] installs it
         loop_factory = None
-    servers: dict[str, dict[str, Any]] = {}
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        for name in names:
-            servers[name] = runner.run(bench_server(name, plan, pin=pin, log=sys.stderr))
+        servers = runner.run(bench_servers(names, plan, pin=pin, log=sys.stderr))
     report: dict[str, Any] = {
         "machine": {
             "python": platform.python_version(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -40,3 +41,15 @@ def test_quick_bench_measures_every_server(tmp_path: Path) -> None:
     }
     for row in ("server CPU per event (us)", "memory per open stream (KiB)", "client CPU per event (us)"):
         assert row in process.stdout
+
+
+def test_median_run_keeps_the_middle_run_and_every_value() -> None:
+    spec = importlib.util.spec_from_file_location("bench_server", SCRIPT)
+    assert spec is not None
+    assert spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_server"] = bench  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    runs = [{"us": 7.0, "tag": "a"}, {"us": 3.0, "tag": "b"}, {"us": 5.0, "tag": "c"}]
+    assert bench.median_run(runs, "us") == {"us": 5.0, "tag": "c", "all_us": [7.0, 3.0, 5.0]}
+    assert bench.median_run(runs[:2], "us")["tag"] == "b"  # even count: the lower middle
