@@ -10,7 +10,16 @@ import asyncio
 import json
 from typing import Any
 
-from benchmarks.reply import PACED, TOKEN_INTERVAL, TOKENS, TTFT, completed_data, connected_data, reply_length
+from benchmarks.reply import (
+    MESSAGE_ID,
+    PACED,
+    TOKEN_INTERVAL,
+    TOKENS,
+    TTFT,
+    completed_data,
+    connected_data,
+    reply_length,
+)
 
 Message = dict[str, Any]
 
@@ -20,7 +29,7 @@ _CONNECTED = (
     f"data: {json.dumps(connected_data(), separators=(',', ':'))}\n\n"
 ).encode()
 _MESSAGES = [
-    f'id: msg:{i + 1}\nevent: message\ndata: {{"delta":{json.dumps(token)}}}\n\n'.encode()
+    f'id: {MESSAGE_ID}:{i + 1}\nevent: message\ndata: {{"delta":{json.dumps(token)}}}\n\n'.encode()
     for i, token in enumerate(TOKENS)
 ]
 _completed_cache: dict[int, bytes] = {}
@@ -31,7 +40,7 @@ def _completed(tokens: int) -> bytes:
     if event is None:
         data = json.dumps(completed_data(tokens), separators=(",", ":"))
         event = _completed_cache[tokens] = (
-            f"id: msg:{tokens + 1}\nevent: completed\ndata: {data}\n\n".encode()
+            f"id: {MESSAGE_ID}:{tokens + 1}\nevent: completed\ndata: {data}\n\n".encode()
         )
     return event
 

@@ -18,8 +18,10 @@ TTFT = float(os.environ.get("BENCH_TTFT_MS", "0")) / 1000
 TOKEN_INTERVAL = float(os.environ.get("BENCH_TOKEN_INTERVAL_MS", "0")) / 1000
 PACED = TTFT > 0 or TOKEN_INTERVAL > 0
 
-MESSAGE_ID = "msg_0123456789abcdef0123456789abcdef"
-CONVERSATION_ID = "0123456789abcdef0123456789abcdef"
+# Ids as long as chatsse's (``chatsse.conversations.new_id``: 24 hex digits), so every
+# server sends the same bytes.
+MESSAGE_ID = "msg_0123456789abcdef01234567"
+CONVERSATION_ID = "0123456789abcdef01234567"
 # Word-sized tokens, like the simulated engine's.
 TOKENS = [(" stream", " tokens", " arrive", " one", " by", " one", ".")[i % 7] for i in range(REPLY_TOKENS)]
 

@@ -3,7 +3,7 @@
 The flow of one ``POST /chat`` (see README, "Protocol")::
 
     route: size and capacity checks -> manager.begin_turn (lock, store user message)
-    EventStreamResponse (chatsse/sse.py), in the request's task:
+    EventStreamResponse (chatsse/sse.py), the body in a task of its own:
         ChatStream.__call__ (producer):  connected -> message* -> store reply -> completed
         cancelled when the client goes away, or by the app's drain after the grace period
         (then ChatStream.shutdown writes the final event)
@@ -94,9 +94,9 @@ class ChatStream:
                 delta_event, append = enc.delta, parts.append
                 async for delta in generation:
                     await emit(delta_event(delta))
-                    append(delta)
-                    if self.first_token_at is None:
+                    if not parts:
                         self.first_token_at = time.perf_counter()
+                    append(delta)
                 reason: FinishReason = generation.finish_reason or "stop"
                 self._generated = True
         except TimeoutError:

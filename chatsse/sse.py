@@ -18,9 +18,10 @@ shutdown) with less work per event and per response; ``make bench`` and
 ``scripts/bench_sse.py`` measure both:
 
 1. Per response, sse-starlette runs an anyio task group of four tasks (the body, pings,
-   the disconnect listener, the exit watcher). chatsse runs the producer in the request's
-   own task plus one task waiting on ``receive``; keepalive and shutdown are jobs of the
-   app's :class:`StreamRegistry`, one ticker for all streams.
+   the disconnect listener, the exit watcher). chatsse runs two plain asyncio tasks: one
+   writing the body (shallow, so a wake-up between tokens resumes a few coroutines, not the
+   twenty of the request's task) and one waiting on ``receive``. Keepalive and shutdown are
+   jobs of the app's :class:`StreamRegistry`: one ticker and one drain for all streams.
 2. The body is written by a *producer* coroutine through ``emit(bytes)``: events are
    encoded straight to bytes (no ``ServerSentEvent`` object per event) and each goes to the
    ASGI ``send`` directly. sse-starlette wraps every send in ``anyio.move_on_after``, a
@@ -134,10 +135,11 @@ class OpenStream:
         self.disconnected = False
         self.shut_down = False
 
-    async def emit(self, chunk: bytes) -> None:
-        """The hot path: one flag, one dict, one ``send``."""
+    def emit(self, chunk: bytes) -> Awaitable[None]:
+        """The hot path: one flag, one dict, and the server's ``send`` for the caller to await
+        (a plain function: no coroutine of its own between the producer and the server)."""
         self.wrote = True
-        await self._send({"type": "http.response.body", "body": chunk, "more_body": True})
+        return self._send({"type": "http.response.body", "body": chunk, "more_body": True})
 
     async def finish(self, last: bytes | None = None) -> None:
         self.closed = True
@@ -248,8 +250,8 @@ class EventStreamResponse(Response):
     (and, when the producer returns one, its last event).
 
     Per response: the ``http.response.start`` message, one task waiting on ``receive`` for
-    the client to go away (which cancels the producer), and the producer running in the
-    request's own task. Keepalive and shutdown are the registry's. ``on_shutdown(emit)``
+    the client to go away (which cancels the producer), and one task writing the body.
+    Keepalive and shutdown are the registry's. ``on_shutdown(emit)``
     writes the stream's last event when the registry's drain cancels the producer;
     ``on_close()`` runs once, however the response ends.
     """
@@ -281,13 +283,11 @@ class EventStreamResponse(Response):
             stream.listen()
             self.registry.add(stream)
             try:
-                last = None
-                with stream.cancel_scope:
-                    last = await self.producer(stream.emit)
-                if stream.shut_down and stream.cancel_scope.cancelled_caught and self.on_shutdown is not None:
-                    await self.on_shutdown(stream.emit)
-                if not stream.disconnected:
-                    await stream.finish(last)
+                # The body is written from a task of its own. The request's task is some twenty
+                # coroutines deep (server, middleware, routing); every wake-up between tokens
+                # would resume all of them. Cancelling this task (server shutdown) cancels the
+                # body's task too.
+                await asyncio.ensure_future(self._write_body(stream))
             finally:
                 self.registry.discard(stream)
                 stream.stop_listening()
@@ -296,3 +296,12 @@ class EventStreamResponse(Response):
                 await self.on_close()
         if self.background is not None:
             await self.background()
+
+    async def _write_body(self, stream: OpenStream) -> None:
+        last = None
+        with stream.cancel_scope:
+            last = await self.producer(stream.emit)
+        if stream.shut_down and stream.cancel_scope.cancelled_caught and self.on_shutdown is not None:
+            await self.on_shutdown(stream.emit)
+        if not stream.disconnected:
+            await stream.finish(last)

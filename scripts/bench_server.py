@@ -11,7 +11,13 @@ All send the same reply shape: ``connected``, one ``message`` event per token, `
 
 Measurements (server CPU = utime + stime of the server process, from ``/proc/<pid>/stat``):
 
-1. CPU per streamed event: long replies, zero delays, closed loop; server CPU / events.
+1. CPU per streamed event, bursts: long replies, zero delays, closed loop; server CPU /
+   events. Each reply is written in one tight loop, so how many events the kernel merges
+   into one segment, and how often the client wakes, depends on the relative speed of the
+   two processes: the bare floor lands at about 2.5 or about 4.5 us from run to run.
+1b. CPU per streamed event, steady: 400 streams at 20 tokens/s, all mid-reply; server CPU /
+   events over a 5 s window. One write and one timer wake-up per event for every server:
+   the regime a chat server lives in, and a stable figure.
 2. CPU per request: short replies (``--short-tokens`` + 2 events), zero delays; CPU / requests.
 3. Streams held at 10 tokens/s: tokens paced at 100 ms; the number of streams doubles
    from 100 until ITL p99 exceeds twice the interval, a request fails, or a process
@@ -22,7 +28,7 @@ Measurements (server CPU = utime + stime of the server process, from ``/proc/<pi
    streams added. VmHWM is the peak.
 5. Client CPU per event: this process's CPU during step 1 / events received.
 
-Steps 1 and 2 run three times per server, in rounds that visit every server in turn; the
+Steps 1, 1b and 2 run three times per server, in rounds that visit every server in turn; the
 report gives the median run and every run's figure (``all_server_us_per_*`` in the JSON).
 
 Usage: ``python scripts/bench_server.py [--quick] [--output bench.json]``
@@ -50,6 +56,7 @@ from typing import Any
 import aiohttp
 import httpx
 
+from chatsse.eventstream import EventStreamParser
 from chatsse.loadgen import LoadConfig, LoadTestResult, arun_load_test
 from chatsse.loadtargets import ChatsseTarget
 
@@ -77,6 +84,9 @@ class Plan:
     paced_max: int = 3200
     streams: int = 1000
     settle: float = 0.5  # seconds to let memory settle before reading it
+    steady_streams: int = 400
+    steady_interval_ms: float = 50.0
+    steady_window: float = 5.0  # seconds of CPU and events counted, every stream mid-reply
     repeats: int = 3  # CPU measurements per server, interleaved across servers; medians reported
 
 
@@ -91,6 +101,8 @@ QUICK = Plan(
     paced_max=10,
     streams=40,
     settle=0.1,
+    steady_streams=20,
+    steady_window=1.0,
     repeats=1,
 )
 
@@ -246,6 +258,62 @@ async def cpu_per_request(server: ServerProcess, plan: Plan) -> dict[str, Any]:
     }
 
 
+async def cpu_per_event_steady(server: ServerProcess, plan: Plan) -> dict[str, Any]:
+    """Server CPU per event while ``steady_streams`` streams are all mid-reply, tokens paced:
+    the regime of a chat server. Counted over a window that starts after every stream has
+    its first token and ends before any reply is over, so no per-request work is included."""
+    events = 0
+    started = 0
+    body = {"message": "a steady stream"}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+
+        async def read_stream() -> None:
+            nonlocal events, started
+            parser = EventStreamParser()
+            first = True
+            async with http.post(server.url + "/chat", json=body) as response:
+                if response.status != 200:
+                    raise RuntimeError(f"{server.name}: HTTP {response.status} opening a stream")
+                async for chunk in response.content.iter_any():
+                    got = sum(1 for event in parser.feed(chunk) if event.event == "message")
+                    events += got
+                    if got and first:
+                        started, first = started + 1, False
+
+        readers = [asyncio.create_task(read_stream()) for _ in range(plan.steady_streams)]
+        try:
+            deadline = time.monotonic() + 60
+            while started < plan.steady_streams:
+                for reader in readers:
+                    if reader.done():
+                        reader.result()  # raises what ended it early
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"{server.name}: only {started} of {plan.steady_streams} streams started"
+                    )
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(plan.steady_window / 5)
+            cpu_before, events_before, wall_before = server.cpu(), events, time.perf_counter()
+            await asyncio.sleep(plan.steady_window)
+            cpu_after, events_after, wall_after = server.cpu(), events, time.perf_counter()
+            if any(reader.done() for reader in readers):
+                raise RuntimeError(f"{server.name}: a stream ended inside the measuring window")
+        finally:
+            for reader in readers:
+                reader.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
+    counted = events_after - events_before
+    wall = wall_after - wall_before
+    return {
+        "streams": plan.steady_streams,
+        "interval_ms": plan.steady_interval_ms,
+        "events": counted,
+        "events_per_s": counted / wall,
+        "server_cpu_share": (cpu_after - cpu_before) / wall,
+        "server_us_per_event": 1e6 * (cpu_after - cpu_before) / counted,
+    }
+
+
 async def paced_level(server: ServerProcess, plan: Plan, streams: int) -> dict[str, Any]:
     """``streams`` users, two paced replies each, started over one reply's time."""
     interval = plan.interval_ms / 1000
@@ -354,6 +422,14 @@ async def bench_cpu(name: str, plan: Plan, *, pin: bool, log: Any) -> dict[str, 
     with running(name, reply_env(name, tokens=plan.short_tokens, interval_ms=0), pin=pin) as server:
         print(f"{name}: CPU per request ({plan.short_requests} x {plan.short_tokens} tokens)", file=log)
         out["requests"] = await cpu_per_request(server, plan)
+    # Replies long enough that none ends before the window does (they are cut after it).
+    tokens = int((1.2 * plan.steady_window + 20) * 1000 / plan.steady_interval_ms)
+    with running(
+        name, reply_env(name, tokens=tokens, interval_ms=plan.steady_interval_ms), pin=pin
+    ) as server:
+        rate = 1000 / plan.steady_interval_ms
+        print(f"{name}: CPU per event, {plan.steady_streams} streams at {rate:g} tokens/s", file=log)
+        out["steady"] = await cpu_per_event_steady(server, plan)
     return out
 
 
@@ -394,6 +470,7 @@ async def bench_servers(names: list[str], plan: Plan, *, pin: bool, log: Any) ->
         servers[name] = {
             "events": median_run([r["events"] for r in rounds[name]], "server_us_per_event"),
             "requests": median_run([r["requests"] for r in rounds[name]], "server_us_per_request"),
+            "steady": median_run([r["steady"] for r in rounds[name]], "server_us_per_event"),
             **await bench_streams(name, plan, pin=pin, log=log),
         }
     return servers
@@ -408,6 +485,9 @@ def ratios(servers: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     return {
         "cpu_per_event_vs_bare": _ratio(
             chat["events"]["server_us_per_event"], bare["events"]["server_us_per_event"]
+        ),
+        "cpu_per_event_steady_vs_bare": _ratio(
+            chat["steady"]["server_us_per_event"], bare["steady"]["server_us_per_event"]
         ),
         "cpu_per_request_vs_bare": _ratio(
             chat["requests"]["server_us_per_request"], bare["requests"]["server_us_per_request"]
@@ -426,7 +506,15 @@ def table(report: dict[str, Any]) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
 
     rows: list[tuple[str, list[str]]] = [
-        ("server CPU per event (us)", [num(s["events"]["server_us_per_event"], 2) for s in servers.values()]),
+        (
+            "server CPU per event, bursts (us)",
+            [num(s["events"]["server_us_per_event"], 2) for s in servers.values()],
+        ),
+        (
+            f"server CPU per event, {plan['steady_streams']} streams at "
+            f"{1000 / plan['steady_interval_ms']:g} tok/s (us)",
+            [num(s["steady"]["server_us_per_event"], 2) for s in servers.values()],
+        ),
         (
             f"server CPU per request, {plan['short_tokens'] + 2} events (us)",
             [num(s["requests"]["server_us_per_request"]) for s in servers.values()],
@@ -451,6 +539,7 @@ def table(report: dict[str, Any]) -> str:
 
     ratio_column = [
         times(ratio["cpu_per_event_vs_bare"]),
+        times(ratio["cpu_per_event_steady_vs_bare"]),
         times(ratio["cpu_per_request_vs_bare"]),
         times(ratio["memory_per_stream_vs_bare"]),
         "",

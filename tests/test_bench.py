@@ -31,15 +31,23 @@ def test_quick_bench_measures_every_server(tmp_path: Path) -> None:
         assert events["errors"] == {}, name
         assert events["events"] == plan["long_requests"] * (plan["long_tokens"] + 2), name
         assert server["requests"]["events_per_request"] == plan["short_tokens"] + 2, name
+        steady = server["steady"]
+        assert steady["streams"] == plan["steady_streams"], name
+        assert steady["events"] > 0, name  # every stream was mid-reply through the window
         assert server["memory"]["streams"] == plan["streams"]
         assert server["memory"]["peak_rss_kib"] > 0
         assert server["paced"]["levels"], name
     assert set(report["ratios"]) == {
         "cpu_per_event_vs_bare",
+        "cpu_per_event_steady_vs_bare",
         "cpu_per_request_vs_bare",
         "memory_per_stream_vs_bare",
     }
-    for row in ("server CPU per event (us)", "memory per open stream (KiB)", "client CPU per event (us)"):
+    for row in (
+        "server CPU per event, bursts (us)",
+        "memory per open stream (KiB)",
+        "client CPU per event (us)",
+    ):
         assert row in process.stdout
 
 
