@@ -109,11 +109,11 @@ class StreamEncoder:
 
 
 _KEEPALIVE: Final = b": keepalive\n\n"
-_SSE_HEADERS: Final = [
+_SSE_HEADERS: Final = (
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
-]
+)
 
 
 class OpenStream:
@@ -267,7 +267,7 @@ class EventStreamResponse(Response):
     ) -> None:
         self.producer = producer
         self.registry = registry
-        self.raw_headers = _SSE_HEADERS
+        self.raw_headers = list(_SSE_HEADERS)  # a list of its own: middleware may edit it
         if headers:
             extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
             self.raw_headers = [*_SSE_HEADERS, *extra]

@@ -99,6 +99,13 @@ def test_cors_allows_only_configured_origins(serve: Serve) -> None:
         assert "access-control-allow-origin" not in other.headers
         streamed = chat(client, "cors stream", max_tokens=2)
         assert streamed.status == 200
+        for _ in range(3):  # each stream's headers are its own: nothing piles up between responses
+            with client.stream(
+                "POST", "/chat", json={"message": "again", "max_tokens": 2},
+                headers={"Origin": "https://app.example"},
+            ) as response:  # fmt: skip
+                assert response.headers.get_list("access-control-allow-origin") == ["https://app.example"]
+                assert response.headers.get_list("content-type") == ["text/event-stream; charset=utf-8"]
 
 
 def test_unreachable_store_answers_503_storage_unavailable(serve: Serve) -> None:
