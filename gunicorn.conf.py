@@ -52,9 +52,9 @@ control_socket_disable = True
 
 
 def post_worker_init(worker):  # type: ignore[no-untyped-def]
-    from chatsse.serving import freeze_startup_objects
+    from chatsse.serving import tune_garbage_collector
 
-    freeze_startup_objects()  # the app is loaded by now
+    tune_garbage_collector()  # the app is loaded by now
 
 
 def child_exit(server, worker):  # type: ignore[no-untyped-def]

@@ -7,6 +7,7 @@ one process.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import sqlite3
@@ -387,4 +388,10 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             "engine": state.engine.name,
             "store": state.manager.store.name,
             **state.metrics.summary(),
+            # Of the process that answered (like "pid"): see chatsse.serving.tune_garbage_collector.
+            "gc": {
+                "thresholds": list(gc.get_threshold()),
+                "frozen_objects": gc.get_freeze_count(),
+                "collections": [generation["collections"] for generation in gc.get_stats()],
+            },
         }

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import uvicorn
 
-from chatsse.serving import freeze_startup_objects
+from chatsse.serving import tune_garbage_collector
 from chatsse.settings import SettingsError, load_settings
 
 APP_FACTORY = "chatsse.app:create_app"
@@ -38,7 +38,7 @@ def _serve(args: argparse.Namespace) -> int:
     from chatsse.app import create_app
 
     app = create_app(settings)
-    freeze_startup_objects()
+    tune_garbage_collector()
     uvicorn.run(
         app, host=settings.host, port=settings.port, log_config=None,
         timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_period + 1)),

@@ -5,7 +5,9 @@ core 0; this script is the load client (``chatsse.loadgen``), pinned to core 1. 
 
 - ``bare-asgi``: ``benchmarks/bare_asgi.py``, pre-encoded SSE bytes (the floor for Python).
 - ``sse-starlette``: ``benchmarks/sse_starlette_app.py``, plain ``EventSourceResponse`` usage.
-- ``chatsse``: the real app, ``POST /chat``, simulated engine configured by environment.
+- ``chatsse``: the real app, ``POST /chat``, simulated engine configured by environment, in
+  a process tuned as chatsse's server commands tune theirs
+  (``chatsse.serving.create_served_app``: the garbage collector's thresholds).
 
 All send the same reply shape: ``connected``, one ``message`` event per token, ``completed``.
 
@@ -65,7 +67,8 @@ SERVERS = ("bare-asgi", "sse-starlette", "chatsse")
 APPS = {
     "bare-asgi": ["benchmarks.bare_asgi:app"],
     "sse-starlette": ["benchmarks.sse_starlette_app:app"],
-    "chatsse": ["--factory", "chatsse.app:create_app"],
+    # As chatsse's server commands run it: the app, and the process's garbage collector tuned.
+    "chatsse": ["--factory", "chatsse.serving:create_served_app"],
 }
 SERVER_CORE, CLIENT_CORE = 0, 1
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 import httpx
@@ -9,6 +10,7 @@ from conftest import Serve
 from support import chat
 
 from chatsse import __version__
+from chatsse.serving import GC_THRESHOLDS
 
 
 def test_health_reports_status_version_uptime_pid(client: httpx.Client) -> None:
@@ -131,3 +133,9 @@ def test_openapi_documents_chat_with_its_body_and_errors(client: httpx.Client) -
     }  # fmt: skip
     assert "text/event-stream" in chat["responses"]["200"]["content"]
     assert {"404", "409", "413", "422", "503"} <= set(chat["responses"])
+
+
+def test_create_app_leaves_the_processs_garbage_collector_alone(client: httpx.Client) -> None:
+    """Only the server commands tune the collector; an app in a notebook's kernel does not."""
+    assert client.get("/stats").json()["gc"]["thresholds"] == list(gc.get_threshold())
+    assert tuple(gc.get_threshold()) != GC_THRESHOLDS

@@ -12,6 +12,8 @@ import sys
 import httpx
 from support import chat, wait_for
 
+from chatsse.serving import GC_THRESHOLDS
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -45,7 +47,10 @@ def test_serve_runs_the_server_and_logs_json(tmp_path: object) -> None:
         assert wait_for(healthy, 20, 0.1)
         with httpx.Client(base_url=url) as client:
             result = chat(client, "from the command line")
+            gc_state = client.get("/stats").json()["gc"]
         assert result.data("completed")["content"] == "".join(result.deltas)
+        assert gc_state["thresholds"] == list(GC_THRESHOLDS)  # a server process: collector tuned
+        assert gc_state["frozen_objects"] > 1000
     finally:
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=20)

@@ -23,6 +23,7 @@ from support import chat, metric_value, wait_for
 from chatsse.engine import count_prompt_tokens
 from chatsse.models import Message
 from chatsse.processes import GunicornServer, ServerProcessError
+from chatsse.serving import GC_THRESHOLDS
 
 FAST_ENV = {
     "CHATSSE_SIM_TTFT_MS": "1",
@@ -122,6 +123,9 @@ def test_multi_turn_chats_across_four_workers(
         assert stats["requests_by_status"]["200"] >= 250 + 40
         assert stats["conversations"] == 50
         assert stats["store"] == kind
+        # Each worker tuned its garbage collector when it started.
+        assert stats["gc"]["thresholds"] == list(GC_THRESHOLDS)
+        assert stats["gc"]["frozen_objects"] > 1000  # the modules and the app
 
 
 def test_memory_store_with_several_workers_is_refused_at_start() -> None:
