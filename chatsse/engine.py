@@ -22,8 +22,9 @@ from __future__ import annotations
 import asyncio
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Literal, Protocol, runtime_checkable
 
 from chatsse.models import Message
@@ -102,12 +103,18 @@ class TimingModel:
 
 
 class SimulatedGeneration:
-    """Pre-composed tokens released on the timing model's schedule."""
+    """A reply's tokens, released on the timing model's schedule.
+
+    ``tokens`` may be lazy (the simulated engine tokenizes a sentence when it reaches it, so
+    an open stream holds the text it has sent, not the whole reply to come). With
+    ``max_tokens``, iteration stops there, and ``finish_reason`` is ``"length"`` if the reply
+    had more.
+    """
 
     __slots__ = (
         "_deadline",
-        "_final_reason",
-        "_i",
+        "_done",
+        "_max",
         "_paced",
         "_rng",
         "_slot",
@@ -122,24 +129,24 @@ class SimulatedGeneration:
 
     def __init__(
         self,
-        tokens: list[str],
+        tokens: Iterable[str],
         *,
         prompt_tokens: int,
-        final_reason: CompletionReason,
         timing: TimingModel,
         rng: random.Random,
+        max_tokens: int | None = None,
         slots: asyncio.Semaphore | None = None,
     ) -> None:
         self._slots = slots
         self._slot = False
-        self._tokens = tokens
-        self._final_reason: CompletionReason | None = final_reason
+        self._tokens: Iterator[str] = iter(tokens)
+        self._max = max_tokens
+        self._done = False
         self._timing = timing
         self._rng = rng
         self._ttft = timing.time_to_first_token(prompt_tokens)
         self._paced = timing.paced
         self._deadline: float | None = None
-        self._i = 0
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0
         self.finish_reason: CompletionReason | None = None
@@ -148,12 +155,17 @@ class SimulatedGeneration:
         return self
 
     async def __anext__(self) -> str:
-        i = self._i
-        if i >= len(self._tokens):
-            self.finish_reason = self._final_reason
-            self._release()
+        n = self.completion_tokens
+        if self._done:
             raise StopAsyncIteration
-        if i == 0 and self._slots is not None and not self._slot:
+        if n == self._max:
+            self._finish("length" if next(self._tokens, None) is not None else "stop")
+            raise StopAsyncIteration
+        token = next(self._tokens, None)
+        if token is None:
+            self._finish("stop")
+            raise StopAsyncIteration
+        if n == 0 and self._slots is not None and not self._slot:
             await self._slots.acquire()
             self._slot = True
         if self._paced:
@@ -165,13 +177,17 @@ class SimulatedGeneration:
             delay = self._deadline - now
             if delay > 0:
                 await asyncio.sleep(delay)
-        self._i = self.completion_tokens = i + 1
-        return self._tokens[i]
+        self.completion_tokens = n + 1
+        return token
 
     async def aclose(self) -> None:
         """Stop early: iteration ends and ``finish_reason`` stays None."""
-        self._tokens = self._tokens[: self._i]
-        self._final_reason = None
+        self._done = True
+        self._release()
+
+    def _finish(self, reason: CompletionReason) -> None:
+        self._done = True
+        self.finish_reason = reason
         self._release()
 
     def _release(self) -> None:
@@ -230,6 +246,22 @@ def _topic(text: str) -> str:
     return " ".join(best[:2]) if best else "this"
 
 
+def _parts(
+    opening: list[str], follow_up: list[str] | None, target: int, pool: list[str], topic: str
+) -> Iterator[list[str]]:
+    # Parts are joined by single spaces; tokenizing " " + part gives exactly the tokens of
+    # that part within the joined text (a token carries its leading whitespace).
+    yield opening
+    count, parts = len(opening), 1
+    if follow_up is not None:
+        yield follow_up
+        count, parts = count + len(follow_up), 2
+    while count < target:
+        sentence = tokenize(" " + pool[parts % len(pool)].format(topic=topic))
+        yield sentence
+        count, parts = count + len(sentence), parts + 1
+
+
 class SimulatedEngine:
     """A deterministic stand-in for an LLM: same seed and history, same reply and pacing."""
 
@@ -263,40 +295,34 @@ class SimulatedEngine:
 
     def compose(self, messages: Sequence[Message], rng: random.Random) -> str:
         """The full reply text for a history (whose last user message it answers)."""
-        return "".join(self._compose_tokens(messages, rng))
+        return "".join(chain.from_iterable(self._reply_parts(messages, rng)))
 
-    def _compose_tokens(self, messages: Sequence[Message], rng: random.Random) -> list[str]:
-        # Parts are joined by single spaces; tokenizing " " + part gives exactly the tokens
-        # of that part within the joined text (a token carries its leading whitespace).
+    def _reply_parts(self, messages: Sequence[Message], rng: random.Random) -> Iterator[list[str]]:
+        """The reply's tokens, a part (sentence) at a time. Every random choice is made here,
+        before the first token, so the pacing that follows draws the same numbers however
+        far the reply is read; the sentences are tokenized as they are reached."""
         users = [m.content for m in messages if m.role == "user"]
         last = users[-1] if users else ""
         topic = _topic(last)
-        tokens = tokenize(rng.choice(_OPENINGS).format(quote=_quote(last)))
-        parts = 1
+        opening = tokenize(rng.choice(_OPENINGS).format(quote=_quote(last)))
+        follow_up = None
         if len(users) > 1:
-            tokens += tokenize(" " + rng.choice(_FOLLOW_UPS).format(earlier=_topic(users[-2])))
-            parts += 1
+            follow_up = tokenize(" " + rng.choice(_FOLLOW_UPS).format(earlier=_topic(users[-2])))
         target = rng.randint(*self.reply_tokens)
         pool = list(_SENTENCES)
         rng.shuffle(pool)
-        while len(tokens) < target:
-            tokens += tokenize(" " + pool[parts % len(pool)].format(topic=topic))
-            parts += 1
-        return tokens
+        return _parts(opening, follow_up, target, pool, topic)
 
     def generate(self, messages: Sequence[Message], *, max_tokens: int) -> SimulatedGeneration:
         history = "\x1e".join(f"{m.role}:{m.content}" for m in messages)
         rng = random.Random(f"{self.seed}\x1f{history}")
-        tokens = self._compose_tokens(messages, rng)
-        reason: CompletionReason = "stop"
-        if len(tokens) > max_tokens:
-            tokens, reason = tokens[:max_tokens], "length"
+        parts = self._reply_parts(messages, rng)
         if self.max_concurrency and self._slots is None:
             self._slots = asyncio.Semaphore(self.max_concurrency)
         return SimulatedGeneration(
-            tokens,
+            chain.from_iterable(parts),
             prompt_tokens=count_prompt_tokens(messages),
-            final_reason=reason,
+            max_tokens=max_tokens,
             timing=self.timing,
             rng=rng,
             slots=self._slots,

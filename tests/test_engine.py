@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -228,7 +228,6 @@ def test_schedule_without_jitter(fake_loop: FakeLoop) -> None:
     gen = SimulatedGeneration(
         ["a", "b", "c", "d"],
         prompt_tokens=30,
-        final_reason="stop",
         timing=timing,
         rng=random.Random(0),
     )
@@ -245,7 +244,6 @@ def test_schedule_with_seeded_jitter_follows_the_formula(fake_loop: FakeLoop) ->
     gen = SimulatedGeneration(
         list("abcdef"),
         prompt_tokens=3,
-        final_reason="stop",
         timing=timing,
         rng=random.Random(seed),
     )
@@ -265,9 +263,7 @@ def test_late_loop_catches_up_instead_of_drifting(fake_loop: FakeLoop) -> None:
     # whose deadline has passed are released at once and lateness does not accumulate.
     fake_loop.late = 0.05
     timing = TimingModel(ttft=0.1, prefill_per_token=0.0, token_interval=0.02, jitter=0.0)
-    gen = SimulatedGeneration(
-        list("abcdefgh"), prompt_tokens=0, final_reason="stop", timing=timing, rng=random.Random()
-    )
+    gen = SimulatedGeneration(list("abcdefgh"), prompt_tokens=0, timing=timing, rng=random.Random())
     start = fake_loop.now
     times = release_times(gen, fake_loop)
     deadlines = [start + 0.1 + 0.02 * i for i in range(8)]
@@ -438,9 +434,7 @@ def test_finish_reason_is_none_until_iteration_ends_and_tokens_are_counted() -> 
 @pytest.mark.anyio
 async def test_live_pacing_takes_at_least_ttft_plus_gaps() -> None:
     timing = TimingModel(ttft=0.05, prefill_per_token=0.0, token_interval=0.02, jitter=0.0)
-    gen = SimulatedGeneration(
-        ["a", "b", "c"], prompt_tokens=10, final_reason="stop", timing=timing, rng=random.Random(0)
-    )
+    gen = SimulatedGeneration(["a", "b", "c"], prompt_tokens=10, timing=timing, rng=random.Random(0))
     loop = asyncio.get_running_loop()
     started_loop, started_wall = loop.time(), time.monotonic()
     tokens = [token async for token in gen]
@@ -519,3 +513,27 @@ async def test_aclose_gives_the_slot_back() -> None:
     order: list[str] = []
     await asyncio.wait_for(_collect(second, "second", order), 5)  # waits forever if the slot is kept
     assert order == ["second"] * 5
+
+
+def test_generation_reads_its_tokens_only_as_far_as_it_releases_them() -> None:
+    pulled: list[str] = []
+
+    def tokens() -> Iterator[str]:
+        for token in ["a", "b", "c", "d", "e"]:
+            pulled.append(token)
+            yield token
+
+    gen = SimulatedGeneration(tokens(), prompt_tokens=1, timing=UNPACED, rng=random.Random(0))
+    assert [step(gen.__anext__()), step(gen.__anext__())] == ["a", "b"]
+    assert pulled == ["a", "b"]  # nothing composed ahead of what was sent
+
+
+@pytest.mark.parametrize(("available", "reason"), [(5, "length"), (3, "stop"), (2, "stop")])
+def test_max_tokens_cuts_the_reply_and_says_whether_it_was_cut(available: int, reason: str) -> None:
+    gen = SimulatedGeneration(
+        iter("abcde"[:available]), prompt_tokens=1, timing=UNPACED, rng=random.Random(0),
+        max_tokens=3,
+    )  # fmt: skip
+    assert drain(gen) == list("abcde"[: min(available, 3)])
+    assert gen.finish_reason == reason
+    assert gen.completion_tokens == min(available, 3)
