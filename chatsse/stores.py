@@ -110,6 +110,25 @@ def _transaction(conn: sqlite3.Connection, kind: str) -> Iterator[None]:
     conn.execute("COMMIT")
 
 
+def _enable_wal(conn: sqlite3.Connection, timeout: float) -> None:
+    """Switch the database file to WAL (once set, it stays set for every connection).
+
+    The switch needs the file to itself, and SQLite reports "database is locked" at once,
+    without waiting on the busy timeout, when another process is opening the same new file
+    at that moment (several workers starting together): retry until ``timeout``."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
 class SQLiteStore:
     """Conversations in one SQLite file that several worker processes open at once.
 
@@ -163,7 +182,7 @@ class SQLiteStore:
         # isolation_level=None: no implicit transactions, each operation opens its own.
         conn = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None)
         try:
-            conn.execute("PRAGMA journal_mode = WAL")
+            _enable_wal(conn, busy_timeout)
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")
             with _transaction(conn, "IMMEDIATE"):

@@ -1031,3 +1031,31 @@ def test_open_store_error_hides_passwords() -> None:
         open_store("redis+tls://user:hunter2@cache.internal:6379/0", **LIMITS)
     assert "hunter2" not in str(error.value)
     assert "user:***@cache.internal" in str(error.value)
+
+
+def _open_fresh_files(paths: list[str], start: Any, results: Any) -> None:
+    """A process's entry point: at the signal, open each new database file; report errors."""
+    try:
+        start.wait(timeout=60)
+        for path in paths:
+            store = SQLiteStore(path, ttl=60, max_conversations=10, max_messages=10)
+            asyncio.run(store.close())
+        results.put(None)
+    except BaseException:
+        results.put(traceback.format_exc())
+
+
+def test_processes_opening_a_new_database_together_all_succeed(tmp_path: Path) -> None:
+    """Several workers starting at once on a file nobody has opened yet: switching it to WAL
+    can meet "database is locked" at once, without the busy timeout; every open must succeed."""
+    ctx = multiprocessing.get_context("fork")
+    paths = [str(tmp_path / f"fresh-{i}.db") for i in range(40)]
+    start, results = ctx.Event(), ctx.Queue()
+    processes = [ctx.Process(target=_open_fresh_files, args=(paths, start, results)) for _ in range(8)]
+    for process in processes:
+        process.start()
+    start.set()
+    errors = [results.get(timeout=60) for _ in processes]
+    for process in processes:
+        process.join(10)
+    assert [e for e in errors if e is not None] == []
