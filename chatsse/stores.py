@@ -210,6 +210,18 @@ class SQLiteStore:
     def _sweep(conn: sqlite3.Connection, times: dict[str, float]) -> None:
         conn.execute(f"DELETE FROM conversations WHERE updated_at <= :deadline AND {_UNLOCKED}", times)
 
+    @classmethod
+    def _sweep_then_unlocked(
+        cls, conn: sqlite3.Connection, times: dict[str, float], conversation_id: str
+    ) -> bool | None:
+        """Expire idle conversations, then: is this one free of a live turn lock? None if it
+        does not exist. Call inside a write transaction, so the answer holds until commit."""
+        cls._sweep(conn, times)
+        row = conn.execute(
+            f"SELECT {_UNLOCKED} FROM conversations WHERE id = :id", {**times, "id": conversation_id}
+        ).fetchone()
+        return None if row is None else bool(row[0])
+
     async def create(self, conversation_id: str, *, lock_owner: str | None = None) -> ConversationInfo:
         times = self._times()
         now = times["now"]
@@ -321,13 +333,10 @@ class SQLiteStore:
 
         def delete(conn: sqlite3.Connection) -> bool:
             with _transaction(conn, "IMMEDIATE"):
-                self._sweep(conn, times)
-                row = conn.execute(
-                    f"SELECT {_UNLOCKED} FROM conversations WHERE id = :id", {**times, "id": conversation_id}
-                ).fetchone()
-                if row is None:
+                unlocked = self._sweep_then_unlocked(conn, times, conversation_id)
+                if unlocked is None:
                     return False
-                if not row[0]:
+                if not unlocked:
                     raise ConversationBusy("a turn is in progress")
                 conn.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
             return True
@@ -361,13 +370,10 @@ class SQLiteStore:
 
         def try_lock(conn: sqlite3.Connection) -> bool:
             with _transaction(conn, "IMMEDIATE"):
-                self._sweep(conn, times)
-                row = conn.execute(
-                    f"SELECT {_UNLOCKED} FROM conversations WHERE id = :id", {**times, "id": conversation_id}
-                ).fetchone()
-                if row is None:
+                unlocked = self._sweep_then_unlocked(conn, times, conversation_id)
+                if unlocked is None:
                     raise _not_found(conversation_id)
-                if not row[0]:
+                if not unlocked:
                     return False
                 conn.execute(
                     "UPDATE conversations SET lock_owner = ?, lock_expires_at = ? WHERE id = ?",
