@@ -20,16 +20,17 @@ from benchmarks.reply import (
     connected_data,
     reply_length,
 )
+from chatsse.protocol import COMPLETED, CONNECTED, MESSAGE, event_id
 
 Message = dict[str, Any]
 
 _HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 _CONNECTED = (
-    f"id: {connected_data()['message_id']}:0\nevent: connected\nretry: 3000\n"
+    f"id: {event_id(MESSAGE_ID, 0)}\nevent: {CONNECTED}\nretry: 3000\n"
     f"data: {json.dumps(connected_data(), separators=(',', ':'))}\n\n"
 ).encode()
 _MESSAGES = [
-    f'id: {MESSAGE_ID}:{i + 1}\nevent: message\ndata: {{"delta":{json.dumps(token)}}}\n\n'.encode()
+    f'id: {event_id(MESSAGE_ID, i + 1)}\nevent: {MESSAGE}\ndata: {{"delta":{json.dumps(token)}}}\n\n'.encode()
     for i, token in enumerate(TOKENS)
 ]
 _completed_cache: dict[int, bytes] = {}
@@ -40,7 +41,7 @@ def _completed(tokens: int) -> bytes:
     if event is None:
         data = json.dumps(completed_data(tokens), separators=(",", ":"))
         event = _completed_cache[tokens] = (
-            f"id: {MESSAGE_ID}:{tokens + 1}\nevent: completed\ndata: {data}\n\n".encode()
+            f"id: {event_id(MESSAGE_ID, tokens + 1)}\nevent: {COMPLETED}\ndata: {data}\n\n".encode()
         )
     return event
 

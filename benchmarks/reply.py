@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
+
+from chatsse.protocol import CompletedData, ConnectedData
 
 REPLY_TOKENS = int(os.environ.get("BENCH_REPLY_TOKENS", "500"))
 TTFT = float(os.environ.get("BENCH_TTFT_MS", "0")) / 1000
@@ -37,7 +38,7 @@ def reply_length(body: bytes) -> int:
     return REPLY_TOKENS
 
 
-def connected_data() -> dict[str, Any]:
+def connected_data() -> ConnectedData:
     return {
         "conversation_id": CONVERSATION_ID,
         "user_message_id": "msg_user",
@@ -47,7 +48,7 @@ def connected_data() -> dict[str, Any]:
     }
 
 
-def completed_data(tokens: int) -> dict[str, Any]:
+def completed_data(tokens: int) -> CompletedData:
     return {
         "conversation_id": CONVERSATION_ID,
         "message_id": MESSAGE_ID,

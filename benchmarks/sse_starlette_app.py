@@ -15,6 +15,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from benchmarks.reply import PACED, TOKEN_INTERVAL, TOKENS, TTFT, completed_data, connected_data, reply_length
+from chatsse.protocol import COMPLETED, CONNECTED, MESSAGE, event_id
 
 
 async def chat(request: Request) -> Response:
@@ -23,7 +24,7 @@ async def chat(request: Request) -> Response:
     async def events() -> AsyncIterator[ServerSentEvent]:
         connected = connected_data()
         stream_id = connected["message_id"]
-        yield ServerSentEvent(json.dumps(connected), event="connected", id=f"{stream_id}:0", retry=3000)
+        yield ServerSentEvent(json.dumps(connected), event=CONNECTED, id=event_id(stream_id, 0), retry=3000)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + TTFT
         for i, token in enumerate(TOKENS[:tokens]):
@@ -32,9 +33,9 @@ async def chat(request: Request) -> Response:
                 if delay > 0:
                     await asyncio.sleep(delay)
                 deadline += TOKEN_INTERVAL
-            yield ServerSentEvent(json.dumps({"delta": token}), event="message", id=f"{stream_id}:{i + 1}")
+            yield ServerSentEvent(json.dumps({"delta": token}), event=MESSAGE, id=event_id(stream_id, i + 1))
         yield ServerSentEvent(
-            json.dumps(completed_data(tokens)), event="completed", id=f"{stream_id}:{tokens + 1}"
+            json.dumps(completed_data(tokens)), event=COMPLETED, id=event_id(stream_id, tokens + 1)
         )
 
     return EventSourceResponse(events())

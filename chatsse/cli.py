@@ -1,18 +1,23 @@
 """The ``chatsse`` command: ``chatsse serve`` runs the server under uvicorn; ``chatsse load``
-load-tests a streaming chat server."""
+load-tests a streaming chat server (with the ``chatsse[load]`` extra installed)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-import uvicorn
+from chatsse.settings import SettingsError, env_name, load_settings
 
-from chatsse.serving import tune_garbage_collector
-from chatsse.settings import SettingsError, load_settings
+__all__ = ["build_parser", "main"]
 
 APP_FACTORY = "chatsse.app:create_app"
+LOAD_EXTRA_MISSING = (
+    "chatsse load needs the load client's dependencies, which this installation lacks ({error}): "
+    "pip install 'chatsse[load]'"
+)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -25,40 +30,49 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"chatsse: {exc}", file=sys.stderr)
         return 2
     if args.reload:
-        # The reloader imports the factory in a fresh process, which reads the environment.
-        import os
+        import uvicorn
 
+        # The reloader imports the factory in a fresh process, which reads the environment.
         for key, value in overrides.items():
-            os.environ[f"CHATSSE_{key.upper()}"] = str(value)
+            os.environ[env_name(key)] = str(value)
         uvicorn.run(
             APP_FACTORY, factory=True, host=settings.host, port=settings.port, reload=True,
-            reload_dirs=[str(__import__("pathlib").Path(__file__).parent)], log_config=None,
+            reload_dirs=[str(Path(__file__).parent)], log_config=None,
         )  # fmt: skip
         return 0
-    from chatsse.app import create_app
+    from chatsse.serving import serve
 
-    app = create_app(settings)
-    tune_garbage_collector()
-    uvicorn.run(
-        app, host=settings.host, port=settings.port, log_config=None,
-        timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_period + 1)),
-        timeout_keep_alive=settings.keepalive, server_header=False,
-    )  # fmt: skip
+    serve(settings)
     return 0
+
+
+def _add_load_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    try:
+        from chatsse.loadcli import add_load_command
+    except ImportError as exc:  # the [load] extra is not installed
+        message = LOAD_EXTRA_MISSING.format(error=exc)
+        load = commands.add_parser("load", help="load-test a streaming chat server (needs chatsse[load])")
+        load.add_argument("args", nargs=argparse.REMAINDER)
+
+        def missing(args: argparse.Namespace) -> int:
+            print(f"chatsse: {message}", file=sys.stderr)
+            return 2
+
+        load.set_defaults(run=missing)
+        return
+    add_load_command(commands)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatsse", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the chat server (uvicorn)")
+    serve = commands.add_parser("serve", help="run the chat server (one uvicorn process)")
     serve.add_argument("--host", help="bind address (CHATSSE_HOST)")
     serve.add_argument("--port", type=int, help="port (CHATSSE_PORT)")
     serve.add_argument("--reload", action="store_true", help="restart on code changes (development)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error", "critical"])
     serve.set_defaults(run=_serve)
-    from chatsse.loadcli import add_load_command
-
-    add_load_command(commands)
+    _add_load_command(commands)
     return parser
 
 

@@ -20,7 +20,8 @@ waits for a slot before its prefill starts, so its time to first token includes 
 from __future__ import annotations
 
 import asyncio
-import random
+import hashlib
+import math
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,19 @@ from chatsse.settings import Settings
 
 CompletionReason = Literal["stop", "length"]
 
+__all__ = [
+    "CompletionReason",
+    "Draws",
+    "Engine",
+    "Generation",
+    "SimulatedEngine",
+    "SimulatedGeneration",
+    "TimingModel",
+    "count_prompt_tokens",
+    "tokenize",
+]
+
+_WORD = re.compile(r"[A-Za-z][A-Za-z0-9'-]*")
 _TOKEN = re.compile(r"\s*\w{1,8}|\s*[^\w\s]|\s+")
 _MESSAGE_OVERHEAD_TOKENS = 4  # role and separators, as chat templates add
 
@@ -43,6 +57,43 @@ def tokenize(text: str) -> list[str]:
 
 def count_prompt_tokens(messages: Sequence[Message]) -> int:
     return sum(len(tokenize(m.content)) + _MESSAGE_OVERHEAD_TOKENS for m in messages)
+
+
+class Uniform(Protocol):
+    """What the timing model draws jitter from (``Draws``, or a ``random.Random``)."""
+
+    def uniform(self, a: float, b: float) -> float: ...
+
+
+_MASK64 = (1 << 64) - 1
+
+
+class Draws:
+    """A small deterministic random source (splitmix64) for the simulated engine: a few
+    draws per reply and one per jittered token. It holds one integer, where a
+    ``random.Random`` holds 2.5 KiB of Mersenne Twister state in every open stream."""
+
+    __slots__ = ("_state",)
+
+    def __init__(self, seed: int) -> None:
+        self._state = seed & _MASK64
+
+    @classmethod
+    def from_text(cls, text: str) -> Draws:
+        return cls(int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big"))
+
+    def next64(self) -> int:
+        self._state = state = (self._state + 0x9E3779B97F4A7C15) & _MASK64
+        z = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        return z ^ (z >> 31)
+
+    def below(self, n: int) -> int:
+        """An integer in ``[0, n)`` (the bias for n far below 2**64 is negligible)."""
+        return self.next64() % n
+
+    def uniform(self, a: float, b: float) -> float:
+        return a + (b - a) * (self.next64() >> 11) / (1 << 53)
 
 
 @runtime_checkable
@@ -96,7 +147,7 @@ class TimingModel:
     def time_to_first_token(self, prompt_tokens: int) -> float:
         return self.ttft + self.prefill_per_token * prompt_tokens
 
-    def gap(self, rng: random.Random) -> float:
+    def gap(self, rng: Uniform) -> float:
         if self.jitter == 0:
             return self.token_interval
         return self.token_interval * (1 + self.jitter * rng.uniform(-1.0, 1.0))
@@ -133,7 +184,7 @@ class SimulatedGeneration:
         *,
         prompt_tokens: int,
         timing: TimingModel,
-        rng: random.Random,
+        rng: Uniform,
         max_tokens: int | None = None,
         slots: asyncio.Semaphore | None = None,
     ) -> None:
@@ -237,7 +288,7 @@ def _topic(text: str) -> str:
     """A guess at what a message is about: its longest run of consecutive content words
     (at most two of them), e.g. "SSE streams" in "How do SSE streams behave under load?"."""
     runs: list[list[str]] = [[]]
-    for word in re.findall(r"[A-Za-z][A-Za-z0-9'-]*", text):
+    for word in _WORD.findall(text):
         if word.lower() in _STOPWORDS or len(word) < 2:
             runs.append([])
         else:
@@ -247,19 +298,26 @@ def _topic(text: str) -> str:
 
 
 def _parts(
-    opening: list[str], follow_up: list[str] | None, target: int, pool: list[str], topic: str
+    opening: list[str], follow_up: list[str] | None, target: int, order: tuple[int, int], topic: str
 ) -> Iterator[list[str]]:
     # Parts are joined by single spaces; tokenizing " " + part gives exactly the tokens of
-    # that part within the joined text (a token carries its leading whitespace).
+    # that part within the joined text (a token carries its leading whitespace). Sentences
+    # come from the pool in the order ``(first, step)`` gives: a step coprime to the pool's
+    # size visits every sentence before one repeats.
     yield opening
-    count, parts = len(opening), 1
+    count = len(opening)
     if follow_up is not None:
         yield follow_up
-        count, parts = count + len(follow_up), 2
+        count += len(follow_up)
+    index, step = order
     while count < target:
-        sentence = tokenize(" " + pool[parts % len(pool)].format(topic=topic))
+        sentence = tokenize(" " + _SENTENCES[index].format(topic=topic))
         yield sentence
-        count, parts = count + len(sentence), parts + 1
+        count += len(sentence)
+        index = (index + step) % len(_SENTENCES)
+
+
+_STEPS = tuple(step for step in range(1, len(_SENTENCES)) if math.gcd(step, len(_SENTENCES)) == 1)
 
 
 class SimulatedEngine:
@@ -293,30 +351,34 @@ class SimulatedEngine:
             max_concurrency=settings.sim_max_concurrency,
         )
 
-    def compose(self, messages: Sequence[Message], rng: random.Random) -> str:
+    def compose(self, messages: Sequence[Message]) -> str:
         """The full reply text for a history (whose last user message it answers)."""
-        return "".join(chain.from_iterable(self._reply_parts(messages, rng)))
+        return "".join(chain.from_iterable(self._reply_parts(messages, self._draws(messages))))
 
-    def _reply_parts(self, messages: Sequence[Message], rng: random.Random) -> Iterator[list[str]]:
+    def _draws(self, messages: Sequence[Message]) -> Draws:
+        history = "\x1e".join(f"{m.role}:{m.content}" for m in messages)
+        return Draws.from_text(f"{self.seed}\x1f{history}")
+
+    def _reply_parts(self, messages: Sequence[Message], draws: Draws) -> Iterator[list[str]]:
         """The reply's tokens, a part (sentence) at a time. Every random choice is made here,
         before the first token, so the pacing that follows draws the same numbers however
         far the reply is read; the sentences are tokenized as they are reached."""
         users = [m.content for m in messages if m.role == "user"]
         last = users[-1] if users else ""
         topic = _topic(last)
-        opening = tokenize(rng.choice(_OPENINGS).format(quote=_quote(last)))
+        opening = tokenize(_OPENINGS[draws.below(len(_OPENINGS))].format(quote=_quote(last)))
         follow_up = None
         if len(users) > 1:
-            follow_up = tokenize(" " + rng.choice(_FOLLOW_UPS).format(earlier=_topic(users[-2])))
-        target = rng.randint(*self.reply_tokens)
-        pool = list(_SENTENCES)
-        rng.shuffle(pool)
-        return _parts(opening, follow_up, target, pool, topic)
+            earlier = _FOLLOW_UPS[draws.below(len(_FOLLOW_UPS))].format(earlier=_topic(users[-2]))
+            follow_up = tokenize(" " + earlier)
+        low, high = self.reply_tokens
+        target = low + draws.below(high - low + 1)
+        order = (draws.below(len(_SENTENCES)), _STEPS[draws.below(len(_STEPS))])
+        return _parts(opening, follow_up, target, order, topic)
 
     def generate(self, messages: Sequence[Message], *, max_tokens: int) -> SimulatedGeneration:
-        history = "\x1e".join(f"{m.role}:{m.content}" for m in messages)
-        rng = random.Random(f"{self.seed}\x1f{history}")
-        parts = self._reply_parts(messages, rng)
+        draws = self._draws(messages)
+        parts = self._reply_parts(messages, draws)
         if self.max_concurrency and self._slots is None:
             self._slots = asyncio.Semaphore(self.max_concurrency)
         return SimulatedGeneration(
@@ -324,7 +386,7 @@ class SimulatedEngine:
             prompt_tokens=count_prompt_tokens(messages),
             max_tokens=max_tokens,
             timing=self.timing,
-            rng=rng,
+            rng=draws,
             slots=self._slots,
         )
 

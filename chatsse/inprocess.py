@@ -17,10 +17,16 @@ from typing import Any
 import uvicorn
 from starlette.types import ASGIApp
 
+from chatsse.errors import ChatsseError
+from chatsse.lifecycle import lifecycle_of
+from chatsse.serving import ChatsseServer
+
+__all__ = ["STARTUP_TIMEOUT", "InProcessServer", "ServerStartError"]
+
 STARTUP_TIMEOUT = 10.0
 
 
-class ServerStartError(RuntimeError):
+class ServerStartError(ChatsseError, RuntimeError):
     """The server did not start (a bind failure, a failing lifespan, or a time-out)."""
 
 
@@ -36,19 +42,19 @@ class InProcessServer:
         graceful_timeout: float | None = None,
         **config: Any,
     ) -> None:
-        """``graceful_timeout``: how long ``stop()`` lets open connections finish; by default a
-        second more than a chatsse app's ``shutdown_grace_period`` (2 s for other apps)."""
+        """``graceful_timeout``: how long ``stop()`` lets open connections finish; for a chatsse
+        app, what its deadlines allow (chatsse/deadlines.py), else 2 s."""
         self.app = app
         self.host = host
         self.requested_port = port
+        self.lifecycle = lifecycle_of(app)
         if graceful_timeout is None:
-            state = getattr(getattr(app, "state", None), "chatsse", None)
-            grace = getattr(getattr(state, "settings", None), "shutdown_grace_period", None)
-            graceful_timeout = 2.0 if grace is None else grace + 1.0
+            graceful_timeout = 2.0 if self.lifecycle is None else self.lifecycle.deadlines.server_shutdown
         self.graceful_timeout = graceful_timeout
         self.config_options = config
         self.port: int | None = None
-        self._server: uvicorn.Server | None = None
+        self._server: ChatsseServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -75,10 +81,11 @@ class InProcessServer:
             self.app,
             log_config=None,
             lifespan="on",
-            timeout_graceful_shutdown=self.graceful_timeout,  # type: ignore[arg-type]  # a float works
             **self.config_options,
         )
-        server = self._server = uvicorn.Server(config)
+        server = self._server = ChatsseServer(config, self.lifecycle)
+        if self.lifecycle is None:
+            config.timeout_graceful_shutdown = self.graceful_timeout  # type: ignore[assignment]
         self._thread = threading.Thread(
             target=self._run, args=(server, sock), name=f"chatsse-server-{self.port}", daemon=True
         )
@@ -95,23 +102,29 @@ class InProcessServer:
             waited += 0.01
         return self
 
-    def _run(self, server: uvicorn.Server, sock: socket.socket) -> None:
+    def _run(self, server: ChatsseServer, sock: socket.socket) -> None:
+        async def serve() -> None:
+            self._loop = asyncio.get_running_loop()
+            await server.serve(sockets=[sock])
+
         try:
             with sock:
-                asyncio.run(server.serve(sockets=[sock]))
+                asyncio.run(serve())
             if not server.started:
                 self._error = ServerStartError("lifespan start-up failed")
         except BaseException as exc:
             self._error = exc
 
+    def drain(self) -> None:
+        """Begin the app's drain (as ``stop()`` does first) without stopping the server."""
+        if self.lifecycle is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self.lifecycle.drain)
+
     def stop(self, timeout: float | None = None) -> None:
-        """Stop accepting, give open streams ``graceful_timeout`` seconds, then end them."""
+        """Stop accepting, drain the app's streams (each ends with its last event), stop."""
         server, thread = self._server, self._thread
         if server is None or thread is None:
             return
-        drain = getattr(getattr(self.app, "state", None), "drain", None)
-        if callable(drain):
-            drain()  # chatsse apps end their streams with a shutdown event
         server.should_exit = True
         thread.join(timeout if timeout is not None else self.graceful_timeout + 5)
         if thread.is_alive():

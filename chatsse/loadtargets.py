@@ -45,6 +45,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from chatsse import protocol
+from chatsse.errors import ChatsseError
 from chatsse.eventstream import EventStreamParser
 from chatsse.loadmetrics import RequestRecord
 
@@ -60,9 +62,10 @@ __all__ = [
 TextCallback = Callable[[str], object]
 
 _loads = json.loads
+_CONNECTED, _MESSAGE, _COMPLETED, _ERROR = protocol.EVENTS
 
 
-class TargetError(RuntimeError):
+class TargetError(ChatsseError, RuntimeError):
     """The target cannot be used (e.g. no model could be discovered)."""
 
 
@@ -232,18 +235,18 @@ class ChatsseTarget(Target):
             events += len(batch)
             for event in batch:
                 name = event.event
-                if name == "message":
+                if name == _MESSAGE:
                     add_token(now)
                     if parts is not None:
                         delta: str = _loads(event.data)["delta"]
                         parts.append(delta)
                         if on_text is not None:
                             on_text(delta)
-                elif name == "connected":
+                elif name == _CONNECTED:
                     conversation.conversation_id = _loads(event.data).get("conversation_id")
-                elif name == "completed":
+                elif name == _COMPLETED:
                     completed = _loads(event.data)
-                elif name == "error":
+                elif name == _ERROR:
                     failure = _loads(event.data)
         record.end = perf_counter()
         record.events = events

@@ -12,6 +12,8 @@ from typing import Any
 
 import structlog
 
+__all__ = ["LOGGER_NAME", "configure_logging", "formatter", "get_logger", "gunicorn_log_config"]
+
 LOGGER_NAME = "chatsse"
 
 

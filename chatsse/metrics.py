@@ -1,13 +1,18 @@
 """Every Prometheus metric chatsse exports, and the JSON summary derived from them.
 
 Each app gets its own registry, so several servers can run in one process. Counters
-move once per request or per stream, never per token.
+move once per request or per stream, never per token. Under gunicorn, every scrape reports
+all workers (prometheus-client's multiprocess mode; the collector is built once per app).
 """
 
 from __future__ import annotations
 
 import os
 from typing import Any
+
+from chatsse.protocol import Outcome
+
+__all__ = ["Metrics", "multiprocess_dir"]
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -45,11 +50,11 @@ class Metrics:
             ["method", "route"], buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.open_streams = Gauge(
-            f"{PREFIX}_open_streams", "SSE streams open now.",
+            f"{PREFIX}_open_streams", "SSE streams open now (admitted, not yet ended).",
             registry=r, multiprocess_mode="livesum",
         )  # fmt: skip
         self.streams = Counter(
-            f"{PREFIX}_streams", "Finished streams by outcome (the reply's finish reason).",
+            f"{PREFIX}_streams", "Finished streams by outcome: where each one ended.",
             ["outcome"], registry=r,
         )  # fmt: skip
         self.stream_events = Counter(
@@ -72,13 +77,36 @@ class Metrics:
             registry=r, multiprocess_mode="mostrecent",
         )  # fmt: skip
 
-    def _collecting_registry(self) -> CollectorRegistry:
+        self._outcomes: dict[str, Any] = {}  # label lookups take a lock: once per label value
+        self._rejections: dict[str, Any] = {}
         path = multiprocess_dir()
         if path is None:
-            return self.registry
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
-        return registry
+            self._collecting = self.registry
+        else:
+            self._collecting = CollectorRegistry()
+            MultiProcessCollector(self._collecting, path=path)  # type: ignore[no-untyped-call]
+
+    def _collecting_registry(self) -> CollectorRegistry:
+        """This process's registry, or one reading every worker's files (multiprocess mode)."""
+        return self._collecting
+
+    def record_stream(self, outcome: Outcome, events: int, tokens: int, first_token_s: float | None) -> None:
+        """One finished stream (chatsse/turns.py): the only metrics update a stream makes."""
+        counter = self._outcomes.get(outcome)
+        if counter is None:
+            counter = self._outcomes[outcome] = self.streams.labels(outcome)
+        counter.inc()
+        self.stream_events.inc(events)
+        self.stream_tokens.inc(tokens)
+        if first_token_s is not None:
+            self.first_event.observe(first_token_s)
+
+    def reject(self, error_type: str) -> None:
+        """A chat refused before its stream started."""
+        counter = self._rejections.get(error_type)
+        if counter is None:
+            counter = self._rejections[error_type] = self.rejections.labels(error_type)
+        counter.inc()
 
     def render(self) -> bytes:
         """The Prometheus text exposition of the whole server (all workers)."""

@@ -4,6 +4,7 @@ limit, metrics and the single log line at the end of each request or stream."""
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from typing import Any
@@ -12,9 +13,17 @@ import structlog
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from chatsse.conversations import new_id
+from chatsse.ids import new_id
 from chatsse.metrics import Metrics
-from chatsse.sse import dumps
+from chatsse.protocol import error_body
+
+__all__ = [
+    "REQUEST_ID_HEADER",
+    "SCOPE_ARRIVED",
+    "SCOPE_LOG_FIELDS",
+    "BodyTooLarge",
+    "RequestContextMiddleware",
+]
 
 REQUEST_ID_HEADER = "x-request-id"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -23,16 +32,13 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 SCOPE_LOG_FIELDS = "chatsse.log_fields"
 
 
-def error_body(error_type: str, message: str, **extra: Any) -> bytes:
-    return dumps({"error": {"type": error_type, "message": message, **extra}}).encode()
-
-
 class RequestContextMiddleware:
     def __init__(self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.log = structlog.stdlib.get_logger("chatsse.access")
+        self._logger = logging.getLogger("chatsse.access")
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -79,10 +85,11 @@ class RequestContextMiddleware:
             )
         children[0].inc()
         children[1].observe(duration)
-        self.log.info(
-            "request", method=method, path=scope["path"], status=status,
-            duration_ms=round(duration * 1000, 3), **fields,
-        )  # fmt: skip
+        if self._logger.isEnabledFor(logging.INFO):  # a filtered line costs one check, not a call
+            self.log.info(
+                "request", method=method, path=scope["path"], status=status,
+                duration_ms=round(duration * 1000, 3), **fields,
+            )  # fmt: skip
 
 
 class BodyTooLarge(HTTPException):

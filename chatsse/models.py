@@ -10,8 +10,23 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from chatsse.protocol import FinishReason
+
+__all__ = [
+    "CONVERSATION_ID_PATTERN",
+    "ChatRequest",
+    "ConversationInfo",
+    "ConversationList",
+    "ConversationOut",
+    "ErrorBody",
+    "ErrorDetail",
+    "FinishReason",
+    "Message",
+    "MessageOut",
+    "Role",
+]
+
 Role = Literal["system", "user", "assistant"]
-FinishReason = Literal["stop", "length", "interrupted", "timeout", "error", "shutdown"]
 CONVERSATION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
 

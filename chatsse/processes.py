@@ -24,12 +24,24 @@ from typing import Any, Self
 
 import httpx
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-GUNICORN_CONF = REPO_ROOT / "gunicorn.conf.py"
+from chatsse.errors import ChatsseError
+from chatsse.settings import ENV_PREFIX
+
+__all__ = [
+    "GUNICORN_CONF",
+    "GunicornServer",
+    "ServerProcess",
+    "ServerProcessError",
+    "UvicornServer",
+    "free_port",
+]
+
+GUNICORN_CONF = "python:chatsse.gunicorn_conf"
+"""gunicorn's ``-c`` for chatsse: the package's configuration module, from a checkout or a wheel."""
 _running: weakref.WeakSet[ServerProcess] = weakref.WeakSet()
 
 
-class ServerProcessError(RuntimeError):
+class ServerProcessError(ChatsseError, RuntimeError):
     """The server process failed to start or to stop in time."""
 
 
@@ -63,7 +75,7 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         host: str = "127.0.0.1",
         port: int | None = None,
-        cwd: Path = REPO_ROOT,
+        cwd: Path | None = None,
         startup_timeout: float = 30.0,
     ) -> None:
         self.workers = workers
@@ -91,7 +103,7 @@ class ServerProcess:
         return self.process.pid
 
     def environment(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CHATSSE_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         env.update(CHATSSE_HOST=self.host, CHATSSE_PORT=str(self.port), CHATSSE_WORKERS=str(self.workers))
         if self.store is not None:
@@ -189,7 +201,7 @@ class GunicornServer(ServerProcess):
         self,
         *,
         workers: int = 2,
-        config: Path = GUNICORN_CONF,
+        config: str | Path = GUNICORN_CONF,
         gunicorn_args: list[str] | None = None,
         **options: Any,
     ) -> None:

@@ -1,4 +1,5 @@
-"""Serving under gunicorn: the worker class and the settings ``gunicorn.conf.py`` derives.
+"""Running the app: the uvicorn server every server command uses, the gunicorn worker, and the
+gunicorn settings derived from chatsse's (chatsse/gunicorn_conf.py).
 
 This module must not import prometheus-client (nor the app): gunicorn's master imports it
 before it sets up the multiprocess metrics directory that workers inherit.
@@ -6,37 +7,72 @@ before it sets up the multiprocess metrics directory that workers inherit.
 
 from __future__ import annotations
 
+import contextlib
 import gc
-import os
+import socket
+import sys
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import uvicorn
 from uvicorn_worker import UvicornWorker
 
+from chatsse.deadlines import derive
+from chatsse.lifecycle import Lifecycle, lifecycle_of
 from chatsse.logs import gunicorn_log_config
-from chatsse.settings import Settings
+from chatsse.settings import Settings, SettingsError, env_name
+from chatsse.stores.urls import DEFAULT_SHARED_STORE
 
-DEFAULT_SQLITE_STORE = "sqlite:///.chatsse/conversations.db"
+__all__ = [
+    "GC_THRESHOLDS",
+    "ChatsseServer",
+    "ChatsseWorker",
+    "GunicornPlan",
+    "choose_store",
+    "create_served_app",
+    "plan",
+    "serve",
+    "tune_garbage_collector",
+]
 
 
-class StoreError(ValueError):
-    """The configured store cannot serve the configured number of workers."""
+class ChatsseServer(uvicorn.Server):
+    """uvicorn's server, whose shutdown first drains the app's streams (its lifecycle) and
+    then waits for them no longer than the app's deadlines allow (chatsse/deadlines.py).
+
+    uvicorn alone tells an app nothing of a shutdown until every connection has closed,
+    which a stream never does by itself; it would wait for every reply to end, or, with a
+    graceful timeout, cut the streams with no last event."""
+
+    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle | None = None) -> None:
+        super().__init__(config)
+        self.lifecycle = lifecycle
+        if lifecycle is not None:
+            config.timeout_graceful_shutdown = lifecycle.deadlines.server_shutdown  # type: ignore[assignment]
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.lifecycle is not None:
+            self.lifecycle.drain()
+        await super().shutdown(sockets=sockets)
 
 
 class ChatsseWorker(UvicornWorker):  # type: ignore[misc]
-    """gunicorn's uvicorn worker, with uvicorn's graceful shutdown bounded by gunicorn's.
-
-    ``UvicornWorker`` leaves uvicorn's ``timeout_graceful_shutdown`` unset, so uvicorn waits
-    for open streams without limit and gunicorn's SIGKILL ends them silently. Here uvicorn
-    gives up a second before gunicorn would, after chatsse's streams have had their grace
-    period and sent their shutdown event.
-    """
+    """gunicorn's uvicorn worker (the ``uvicorn-worker`` package), serving with
+    :class:`ChatsseServer`: on SIGTERM the worker drains its streams, each ends with its last
+    event, and the worker exits before gunicorn's graceful timeout (derived from the same
+    settings) would kill it."""
 
     CONFIG_KWARGS: ClassVar[dict[str, Any]] = {"loop": "auto", "http": "auto", "server_header": False}
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.config.timeout_graceful_shutdown = max(1, int(self.cfg.graceful_timeout) - 1)
+    async def _serve(self) -> None:
+        from gunicorn.arbiter import Arbiter
+
+        self.config.app = self.wsgi
+        server = ChatsseServer(self.config, lifecycle_of(self.wsgi))
+        self._install_sigquit_handler()
+        await server.serve(sockets=self.sockets)
+        if not server.started:
+            sys.exit(Arbiter.WORKER_BOOT_ERROR)
 
 
 # Measured with ``scripts/bench_server.py``'s paced streams (10 tokens/s each, one worker on
@@ -48,10 +84,10 @@ GC_THRESHOLDS = (20_000, 20, 20)
 def tune_garbage_collector() -> None:
     """Make the cyclic garbage collector's event-loop stalls rare, for a server process.
 
-    A full collection scans every tracked object, and each open stream holds a hundred and
-    fifty or so (coroutines, tasks, scopes), so with thousands of streams a full collection
-    stalls every stream for tens of milliseconds, and with the default thresholds one
-    comes every few hundred thousand allocations. Two changes:
+    A full collection scans every tracked object, and each open stream holds a hundred or so
+    (coroutines, tasks, futures), so with thousands of streams a full collection stalls every
+    stream for tens of milliseconds, and with the default thresholds one comes every few
+    hundred thousand allocations. Two changes:
 
     - everything allocated so far (modules, the app) is frozen out of the collector's sight;
     - collections are triggered after more allocations (``GC_THRESHOLDS``): a full one
@@ -77,9 +113,27 @@ def create_served_app() -> Any:
     return app
 
 
+def serve(settings: Settings) -> None:
+    """``chatsse serve``: one uvicorn process serving the app these settings describe."""
+    from chatsse.app import create_app
+
+    app = create_app(settings)
+    tune_garbage_collector()
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        timeout_keep_alive=settings.keepalive,
+        server_header=False,
+    )
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the SIGINT it handled
+        ChatsseServer(config, app.lifecycle).run()
+
+
 @dataclass(frozen=True)
 class GunicornPlan:
-    """What gunicorn.conf.py sets, derived from chatsse's settings."""
+    """What chatsse/gunicorn_conf.py sets, derived from chatsse's settings."""
 
     bind: str
     workers: int
@@ -91,32 +145,32 @@ class GunicornPlan:
     logconfig_dict: dict[str, Any]
 
 
-def choose_store(settings: Settings, environ: dict[str, str] | os._Environ[str]) -> str:
-    """The store for ``settings.workers`` workers: SQLite unless one was chosen; never memory
-    with several workers (each worker would hold its own, disjoint conversations)."""
-    if "CHATSSE_STORE" not in environ and settings.workers > 1:
-        return DEFAULT_SQLITE_STORE
-    if settings.store == "memory" and settings.workers > 1:
-        raise StoreError(
-            f"CHATSSE_STORE=memory keeps conversations inside one worker process, but "
-            f"CHATSSE_WORKERS={settings.workers}: the next turn of a conversation may reach a worker "
-            f"that has never seen it. Use CHATSSE_STORE=sqlite:///path/to/chatsse.db (one machine), "
-            f"CHATSSE_STORE=redis://host:6379/0 (several machines), or CHATSSE_WORKERS=1."
+def choose_store(settings: Settings) -> str:
+    """The store for ``settings.workers`` workers: the one chosen, else SQLite with several
+    workers; never one that a single process holds (each worker would hold its own,
+    disjoint conversations)."""
+    if settings.workers > 1 and not settings.store_is_chosen:
+        return DEFAULT_SHARED_STORE
+    if settings.workers > 1 and not settings.store_url.shared:
+        store, workers = env_name("store"), env_name("workers")
+        raise SettingsError(
+            f"{store}={settings.store} keeps conversations inside one worker process, but "
+            f"{workers}={settings.workers}: the next turn of a conversation may reach a worker "
+            f"that has never seen it. Use {store}=sqlite:///path/to/chatsse.db (one machine), "
+            f"{store}=redis://host:6379/0 (several machines), or {workers}=1."
         )
     return settings.store
 
 
-def plan(settings: Settings, environ: dict[str, str] | os._Environ[str]) -> GunicornPlan:
-    grace = int(settings.shutdown_grace_period + 0.999)
+def plan(settings: Settings) -> GunicornPlan:
+    deadlines = derive(settings)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     return GunicornPlan(
         bind=f"{host}:{settings.port}",
         workers=settings.workers,
-        store=choose_store(settings, environ),
-        # gunicorn's heartbeat timeout also bounds a worker that is draining on a reload;
-        # it must outlast the grace period.
-        timeout=max(30, grace + 10),
-        graceful_timeout=grace + 5,
+        store=choose_store(settings),
+        timeout=deadlines.gunicorn_timeout,
+        graceful_timeout=deadlines.gunicorn_graceful,
         keepalive=settings.keepalive,
         loglevel=settings.log_level,
         logconfig_dict=gunicorn_log_config(settings.log_level, settings.log_format),

@@ -2,28 +2,39 @@
 
 Every field is read from an environment variable named ``CHATSSE_<FIELD>`` (or from a
 ``.env`` file). ``load_settings`` turns pydantic's validation errors into one
-:class:`SettingsError` whose message names each bad variable.
+:class:`SettingsError` whose message names each bad variable. Time bounds derived from these
+settings are computed in one place, chatsse/deadlines.py.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from chatsse.errors import ChatsseError
+from chatsse.stores.urls import StoreURL, parse_store_url
+
+__all__ = ["ENV_PREFIX", "Settings", "SettingsError", "env_name", "load_settings"]
+
 ENV_PREFIX = "CHATSSE_"
+ENV_FILE = ".env"
+# Settings that were renamed: an old name left in the environment stops start-up rather than
+# being silently ignored.
+_RENAMED = {"max_concurrent_connections": "max_streams_per_worker"}
 
 
-class SettingsError(ValueError):
+class SettingsError(ChatsseError, ValueError):
     """Raised at start-up when a setting has an invalid value."""
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
-        env_file=".env",
+        env_file=ENV_FILE,
         env_file_encoding="utf-8",
         extra="ignore",
         frozen=True,
@@ -40,6 +51,7 @@ class Settings(BaseSettings):
 
     # Serving
     store: str = Field("memory", min_length=1)
+    store_timeout: float = Field(5.0, gt=0, le=300)
     workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256)
     shutdown_grace_period: float = Field(10.0, ge=0, le=3600)
     keepalive: int = Field(5, ge=1, le=300)
@@ -47,8 +59,11 @@ class Settings(BaseSettings):
     # Streaming
     sse_keepalive_interval: float = Field(15.0, gt=0, le=3600)
     sse_retry_ms: int = Field(3000, ge=0, le=3_600_000)
-    max_concurrent_connections: int = Field(1000, ge=1)
+    max_streams_per_worker: int = Field(1000, ge=1)
     request_timeout: float = Field(300.0, gt=0)
+    write_timeout: float = Field(10.0, gt=0, le=3600)
+    engine_first_token_timeout: float = Field(60.0, gt=0)
+    engine_idle_timeout: float = Field(30.0, gt=0)
     max_message_size: int = Field(16_384, ge=1, le=16 * 1024 * 1024)
     max_reply_tokens: int = Field(1024, ge=1, le=1_000_000)
 
@@ -84,14 +99,8 @@ class Settings(BaseSettings):
     @field_validator("store")
     @classmethod
     def _check_store(cls, value: str) -> str:
-        if value == "memory" or value.startswith(("redis://", "rediss://")):
-            return value
-        if value.startswith("sqlite:///") and len(value) > len("sqlite:///"):
-            return value
-        raise ValueError(
-            "expected 'memory', 'sqlite:///relative/path.db', 'sqlite:////absolute/path.db' "
-            "or 'redis://host:port/db'"
-        )
+        parse_store_url(value)
+        return value
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Settings:
@@ -105,9 +114,13 @@ class Settings(BaseSettings):
         return self
 
     @property
-    def lock_ttl(self) -> float:
-        """How long a turn lock outlives a worker that died holding it."""
-        return self.request_timeout + self.shutdown_grace_period + 30
+    def store_url(self) -> StoreURL:
+        return parse_store_url(self.store)
+
+    @property
+    def store_is_chosen(self) -> bool:
+        """Whether ``CHATSSE_STORE`` was set (environment, ``.env`` or an override)."""
+        return "store" in self.model_fields_set
 
 
 def env_name(field: str) -> str:
@@ -117,13 +130,26 @@ def env_name(field: str) -> str:
 
 def load_settings(**overrides: Any) -> Settings:
     """Read settings from the environment (and ``.env``), with keyword overrides on top."""
+    _refuse_renamed(Path(ENV_FILE))
     try:
         return Settings(**overrides)
     except ValidationError as exc:
         raise SettingsError(describe_errors(exc)) from None
 
 
+def _refuse_renamed(env_file: Path) -> None:
+    names = set(os.environ)
+    if env_file.is_file():
+        from dotenv import dotenv_values
+
+        names |= set(dotenv_values(env_file))
+    for old, new in _RENAMED.items():
+        if env_name(old) in names:
+            raise SettingsError(f"invalid settings:\n  {env_name(old)} was renamed: set {env_name(new)}")
+
+
 def describe_errors(exc: ValidationError) -> str:
+    """One line per bad setting, naming its environment variable."""
     lines = ["invalid settings:"]
     for error in exc.errors():
         loc = error.get("loc") or ()

@@ -18,6 +18,10 @@ from typing import Any, TextIO, TypeVar
 import httpx
 from httpx_sse import aconnect_sse
 
+from chatsse import protocol
+
+__all__ = ["ChatTurn", "Conversation", "pick", "quick_mode", "raw_chunks", "show_chunks", "stream_turn"]
+
 QUICK_ENV = "CHATSSE_QUICK"
 T = TypeVar("T")
 
@@ -50,7 +54,7 @@ class ChatTurn:
 
     @property
     def token_times(self) -> list[float]:
-        return [t for t, name, _ in self.events if name == "message"]
+        return [t for t, name, _ in self.events if name == protocol.MESSAGE]
 
 
 async def stream_turn(
@@ -83,20 +87,20 @@ async def stream_turn(
                 at = time.perf_counter() - started
                 data = json.loads(event.data)
                 turn.events.append((at, event.event, data))
-                if event.event == "connected":
+                if event.event == protocol.CONNECTED:
                     turn.conversation_id = data["conversation_id"]
                     turn.message_id = data["message_id"]
-                elif event.event == "message":
+                elif event.event == protocol.MESSAGE:
                     if turn.ttft is None:
                         turn.ttft = at
                     turn.text += data["delta"]
                     if show:
                         print(data["delta"], end="", file=out, flush=True)
-                elif event.event == "completed":
+                elif event.event == protocol.COMPLETED:
                     turn.finish_reason = data["finish_reason"]
                     turn.usage = data["usage"]
                     turn.server_timings = data["timings"]
-                elif event.event == "error":
+                elif event.event == protocol.ERROR:
                     turn.error = data
                     if show:
                         print(f"\n[error: {data['type']}: {data['message']}]", file=out)

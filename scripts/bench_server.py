@@ -135,7 +135,7 @@ def reply_env(server: str, *, tokens: int, interval_ms: float) -> dict[str, str]
             "CHATSSE_MAX_REPLY_TOKENS": str(tokens),
             "CHATSSE_LOG_LEVEL": "warning",
             "CHATSSE_MAX_CONVERSATIONS": "10000000",
-            "CHATSSE_MAX_CONCURRENT_CONNECTIONS": "1000000",
+            "CHATSSE_MAX_STREAMS_PER_WORKER": "1000000",
         }
     return {
         "BENCH_REPLY_TOKENS": str(tokens),
@@ -602,7 +602,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(servers, indent=1))
     errors = {name: s["events"]["errors"] or s["requests"]["errors"] for name, s in servers.items()}
     if args.output:
-        Path(args.output).write_text(json.dumps(report, indent=1))
+        output = Path(args.output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(report, indent=1))
     if any(errors.values()):
         print(f"requests failed: {errors}", file=sys.stderr)
         return 1

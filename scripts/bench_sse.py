@@ -27,7 +27,12 @@ from typing import Any
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from chatsse import Settings, create_app
-from chatsse.sse import Emit, EventStreamResponse, StreamEncoder, StreamRegistry
+from chatsse.chat import ChatEvents
+from chatsse.conversations import Turn
+from chatsse.deadlines import derive
+from chatsse.lifecycle import Lifecycle
+from chatsse.models import Message
+from chatsse.sse import Emit, EventStreamResponse
 
 Scope = dict[str, Any]
 App = Callable[[Scope, Any, Any], Awaitable[None]]
@@ -73,7 +78,8 @@ async def _drive(app: App, scope: Scope, body: bytes = b"") -> int:
 
 
 def _event_bytes(n: int) -> list[bytes]:
-    enc = StreamEncoder("msg_bench")
+    user = Message("msg_user", "user", "bench", 0.0)
+    enc = ChatEvents(Turn("conv", user, "msg_bench", [user], new=True, token="t"), model="bench", retry_ms=0)
     return [enc.delta(f" tok{i}") for i in range(n)]
 
 
@@ -119,17 +125,38 @@ def sse_starlette_objects(events: int) -> App:
     return app
 
 
+class _BytesProducer:
+    """Writes pre-encoded events: chatsse's response machinery and nothing else."""
+
+    def __init__(self, chunks: list[bytes], lifecycle: Lifecycle, slot: Any) -> None:
+        self.chunks, self.lifecycle, self.slot = chunks, lifecycle, slot
+
+    async def run(self, emit: Emit) -> bytes:
+        for chunk in self.chunks:
+            await emit(chunk)
+        return b""
+
+    async def stopped(self, reason: Any) -> bytes | None:
+        return None
+
+    async def close(self) -> None:
+        self.lifecycle.release(self.slot)
+
+
 def chatsse_response(events: int) -> App:
     chunks = _event_bytes(events)
+    settings = Settings(_env_file=None, sse_keepalive_interval=600)  # type: ignore[call-arg]
 
-    async def producer(emit: Emit) -> None:
-        for chunk in chunks:
-            await emit(chunk)
+    class _Gauge:
+        def inc(self) -> None: ...
 
-    registry = StreamRegistry(keepalive_interval=600)
+        def dec(self) -> None: ...
+
+    lifecycle = Lifecycle(derive(settings), max_streams=10**6, busy_retry_after=1, gauge=_Gauge())
 
     async def app(scope: Scope, receive: Any, send: Any) -> None:
-        await EventStreamResponse(producer, registry)(scope, receive, send)
+        slot = lifecycle.admit()
+        await EventStreamResponse(_BytesProducer(chunks, lifecycle, slot), slot)(scope, receive, send)
 
     return app
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
+import re
 
 import httpx
 from conftest import Serve
 from support import chat
 
-from chatsse import __version__
+from chatsse import __version__, protocol
 from chatsse.serving import GC_THRESHOLDS
 
 
@@ -17,9 +19,8 @@ def test_health_reports_status_version_uptime_pid(client: httpx.Client) -> None:
     body = client.get("/health").json()
     assert body["status"] == "ok"
     assert body["version"] == __version__
-    assert body["pid"] == os.getpid()
+    assert body["this_worker"] == {"pid": os.getpid(), "open_streams": 0}
     assert body["uptime_seconds"] >= 0
-    assert body["open_streams"] == 0
     assert body["engine"] == "simulated"
     assert body["store"] == "memory"
 
@@ -73,6 +74,27 @@ def test_chat_page_is_served(client: httpx.Client) -> None:
     assert "innerHTML" not in page  # all text goes in as text
 
 
+def test_chat_page_speaks_the_protocol_module(client: httpx.Client) -> None:
+    """The page's event names and data keys come from chatsse.protocol: its constants are
+    written into the page, and every key the script reads from event data is one the
+    protocol declares."""
+    page = client.get("/").text
+    assert "/*CHATSSE_PROTOCOL*/" not in page
+    assert json.dumps(protocol.page_constants(), separators=(",", ":")) in page
+    script = page.split("<script>", 1)[1]
+    assert not re.search(r"ev\.type\s*===\s*[\"']", script)  # no event name spelled out
+    assert set(re.findall(r"\bEV\.(\w+)", script)) == set(protocol.EVENTS)
+    fields = protocol.page_constants()["fields"]
+    event_keys = set().union(*(fields[name] for name in protocol.EVENTS))
+    read = set(re.findall(r"(?<![\w.])data\.(\w+)", script))  # not this.data
+    assert read
+    assert read <= event_keys, read - event_keys
+    for group in ("usage", "timings"):
+        keys = set(re.findall(rf"\b{group}\.(\w+)", script))
+        assert keys
+        assert keys <= set(fields[group]), keys - set(fields[group])
+
+
 def test_request_id_is_returned_and_echoed(client: httpx.Client) -> None:
     generated = client.get("/health").headers["x-request-id"]
     assert generated.startswith("req_")
@@ -120,7 +142,7 @@ def test_unreachable_store_answers_503_storage_unavailable(serve: Serve) -> None
         assert response.json()["error"]["type"] == "storage_unavailable"
         assert response.headers["retry-after"] == "1"
         assert client.get("/conversations").status_code == 503
-        assert client.get("/health").json()["open_streams"] == 0
+        assert client.get("/health").json()["this_worker"]["open_streams"] == 0
 
 
 def test_openapi_documents_chat_with_its_body_and_errors(client: httpx.Client) -> None:
@@ -137,5 +159,5 @@ def test_openapi_documents_chat_with_its_body_and_errors(client: httpx.Client) -
 
 def test_create_app_leaves_the_processs_garbage_collector_alone(client: httpx.Client) -> None:
     """Only the server commands tune the collector; an app in a notebook's kernel does not."""
-    assert client.get("/stats").json()["gc"]["thresholds"] == list(gc.get_threshold())
+    assert client.get("/stats").json()["this_worker"]["gc"]["thresholds"] == list(gc.get_threshold())
     assert tuple(gc.get_threshold()) != GC_THRESHOLDS

@@ -13,7 +13,7 @@ SCRIPT = Path(__file__).parent.parent / "scripts" / "bench_server.py"
 
 
 def test_quick_bench_measures_every_server(tmp_path: Path) -> None:
-    output = tmp_path / "bench.json"
+    output = tmp_path / "build" / "bench.json"  # a directory that does not exist yet
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHATSSE_")}
     process = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--output", str(output)],

@@ -188,7 +188,7 @@ SLOW = {
 
 
 def test_over_connection_limit_is_503_with_retry_after(serve: Serve) -> None:
-    server = serve(max_concurrent_connections=1, sse_retry_ms=2000, **SLOW)
+    server = serve(max_streams_per_worker=1, sse_retry_ms=2000, **SLOW)
     held = _OpenStream(server.url, {"message": "hold the slot"})
     try:
         response = httpx.post(f"{server.url}/chat", json={"message": "one too many"})
@@ -197,7 +197,7 @@ def test_over_connection_limit_is_503_with_retry_after(serve: Serve) -> None:
         assert response.json()["error"]["type"] == "server_busy"
     finally:
         held.close()
-    assert wait_for(lambda: httpx.get(f"{server.url}/health").json()["open_streams"] == 0, 2)
+    assert wait_for(lambda: httpx.get(f"{server.url}/health").json()["this_worker"]["open_streams"] == 0, 2)
     with httpx.Client(base_url=server.url) as client:
         assert chat(client, "now there is room", max_tokens=2).status == 200
 
@@ -218,7 +218,7 @@ def test_concurrent_turn_on_same_conversation_is_409(serve: Serve) -> None:
         assert deleted.status_code == 409
     finally:
         held.close()
-    assert wait_for(lambda: httpx.get(f"{server.url}/health").json()["open_streams"] == 0, 2)
+    assert wait_for(lambda: httpx.get(f"{server.url}/health").json()["this_worker"]["open_streams"] == 0, 2)
     stored = httpx.get(f"{server.url}/conversations/{conversation_id}").json()["messages"]
     assert [m["content"] for m in stored if m["role"] == "user"] == ["start", "long turn"]
     assert [m["role"] for m in stored] == ["user", "assistant", "user", "assistant"]
@@ -236,8 +236,8 @@ def test_disconnect_cancels_generation_and_stores_partial_reply(serve: Serve) ->
             break
     response.close()
     client.close()
-    assert wait_for(lambda: httpx.get(f"{server.url}/health").json()["open_streams"] == 0, 1.0)
-    assert len(server.app.state.chatsse.streams) == 0  # type: ignore[attr-defined]  # nothing left behind
+    assert wait_for(lambda: httpx.get(f"{server.url}/health").json()["this_worker"]["open_streams"] == 0, 1.0)
+    assert server.app.lifecycle.open_streams == 0  # type: ignore[attr-defined]  # nothing left behind
 
     events = [block for block in received.decode().split("\n\n") if block]
     connected = json.loads(events[0].split("data: ", 1)[1])
@@ -249,7 +249,7 @@ def test_disconnect_cancels_generation_and_stores_partial_reply(serve: Serve) ->
     assert reply["content"].startswith(seen)
     assert len(reply["content"]) < 200 * 3  # cancelled long before the 200-token reply ended
     metrics = httpx.get(f"{server.url}/metrics").text
-    assert metric_value(metrics, "chatsse_streams_total", outcome="interrupted") == 1
+    assert metric_value(metrics, "chatsse_streams_total", outcome="client_disconnected") == 1
 
 
 def test_engine_failure_mid_stream_ends_with_error_event(serve: Serve) -> None:

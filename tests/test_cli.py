@@ -47,7 +47,7 @@ def test_serve_runs_the_server_and_logs_json(tmp_path: object) -> None:
         assert wait_for(healthy, 20, 0.1)
         with httpx.Client(base_url=url) as client:
             result = chat(client, "from the command line")
-            gc_state = client.get("/stats").json()["gc"]
+            gc_state = client.get("/stats").json()["this_worker"]["gc"]
         assert result.data("completed")["content"] == "".join(result.deltas)
         assert gc_state["thresholds"] == list(GC_THRESHOLDS)  # a server process: collector tuned
         assert gc_state["frozen_objects"] > 1000

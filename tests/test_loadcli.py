@@ -167,7 +167,7 @@ def test_ctrl_c_stops_the_script_and_prints_what_was_measured(serve: Serve) -> N
     try:
 
         def streaming() -> bool:
-            return bool(httpx.get(f"{server.url}/health").json()["open_streams"] == 2)
+            return bool(httpx.get(f"{server.url}/health").json()["this_worker"]["open_streams"] == 2)
 
         assert wait_for(streaming, 30, 0.05)
         process.send_signal(signal.SIGINT)

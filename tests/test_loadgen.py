@@ -211,7 +211,7 @@ def _conversations(url: str) -> list[list[dict[str, object]]]:
 
 
 def test_closed_loop_multi_turn_users_share_one_conversation(serve: Serve) -> None:
-    server = serve()
+    server = serve(max_reply_tokens=5)  # replies of one length: the users keep pace with each other
     config = LoadConfig(requests=9, concurrency=3, turns=3, think_time=0.05)
     result = run_load_test(ChatsseTarget(server.url), config)
     assert all(r.ok for r in result.records)
@@ -255,7 +255,7 @@ def test_openai_target_multi_turn_keeps_the_history() -> None:
 
 
 def test_errors_are_counted_by_type(serve: Serve) -> None:
-    busy = serve(max_concurrent_connections=2, sim_ttft_ms=300)
+    busy = serve(max_streams_per_worker=2, sim_ttft_ms=300)
     result = run_load_test(ChatsseTarget(busy.url), LoadConfig(requests=4, concurrency=4))
     assert sorted(r.error or "ok" for r in result.records) == ["http_503", "http_503", "ok", "ok"]
     failing = serve(engine=FailingEngine(good_tokens=2))

@@ -153,7 +153,7 @@ def test_chatsse_turns_continue_the_conversation(serve: Serve) -> None:
 
 
 def test_chatsse_server_busy_is_http_503_and_cancelled_stream_is_cancelled(serve: Serve) -> None:
-    server = serve(max_concurrent_connections=1, sim_ttft_ms=5000)
+    server = serve(max_streams_per_worker=1, sim_ttft_ms=5000)
     target = ChatsseTarget(server.url)
 
     async def scenario() -> tuple[RequestRecord, RequestRecord]:

@@ -34,7 +34,9 @@ def test_unmatched_paths_share_one_label(client: httpx.Client) -> None:
 
 def test_stats_summarises_the_same_numbers(client: httpx.Client) -> None:
     results = [chat(client, f"q{i}") for i in range(2)]
-    stats = client.get("/stats").json()
+    everything = client.get("/stats").json()
+    assert everything["this_worker"]["open_streams"] == 0
+    stats = everything["all_workers"]
     assert stats["requests_by_status"]["200"] == 2
     assert stats["streams_by_outcome"] == {"stop": 2}
     assert stats["tokens"] == sum(len(r.deltas) for r in results)

@@ -16,7 +16,7 @@ ENV = {"CHATSSE_SIM_TTFT_MS": "1", "CHATSSE_SIM_TOKEN_INTERVAL_MS": "1", "CHATSS
 def test_uvicorn_server_serves_from_one_process() -> None:
     with UvicornServer(env=ENV) as server:
         assert server.worker_pids() == [server.pid]
-        assert httpx.get(f"{server.url}/health").json()["pid"] == server.pid
+        assert httpx.get(f"{server.url}/health").json()["this_worker"]["pid"] == server.pid
         with httpx.Client(base_url=server.url) as client:
             assert chat(client, "hello").events[-1].event == "completed"
         process = server.process

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from chatsse.conversations import ConversationError
+from chatsse import protocol
 from chatsse.metrics import Metrics
 from chatsse.settings import Settings, env_name
 
@@ -22,9 +22,19 @@ def test_every_metric_is_documented() -> None:
     assert missing == []
 
 
-def test_every_conversation_error_type_is_documented() -> None:
-    types = {cls.type for cls in ConversationError.__subclasses__()}
-    assert [t for t in types if f"`{t}`" not in README] == []
+def test_every_error_type_is_in_the_errors_table_with_its_status() -> None:
+    missing = [t for t, status in protocol.HTTP_ERRORS.items() if f"| {status} | `{t}` |" not in README]
+    assert missing == []
+
+
+def test_every_way_a_stream_ends_is_in_the_endings_table() -> None:
+    missing = []
+    for outcome, ending in protocol.ENDINGS.items():
+        row = f"| `{outcome}` | {f'`{ending.error_type}`' if ending.error_type else '—'} | "
+        row += f"{f'`{ending.finish_reason}`' if ending.finish_reason else 'not stored'} |"
+        if row not in README:
+            missing.append(row)
+    assert missing == []
 
 
 def test_first_screen_shows_the_two_commands() -> None:

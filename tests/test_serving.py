@@ -108,7 +108,7 @@ def test_multi_turn_chats_across_four_workers(
         assert problems == []
 
         # Several workers served: fresh connections reach different processes.
-        pids = {httpx.get(f"{server.url}/health").json()["pid"] for _ in range(40)}
+        pids = {httpx.get(f"{server.url}/health").json()["this_worker"]["pid"] for _ in range(40)}
         assert len(pids) >= 2
         assert pids <= set(server.worker_pids())
 
@@ -120,12 +120,12 @@ def test_multi_turn_chats_across_four_workers(
             assert outcomes == 250
             assert metric_value(text, "chatsse_open_streams") == 0
         stats = httpx.get(f"{server.url}/stats").json()
-        assert stats["requests_by_status"]["200"] >= 250 + 40
-        assert stats["conversations"] == 50
+        assert stats["all_workers"]["requests_by_status"]["200"] >= 250 + 40
+        assert stats["all_workers"]["conversations"] == 50
         assert stats["store"] == kind
         # Each worker tuned its garbage collector when it started.
-        assert stats["gc"]["thresholds"] == list(GC_THRESHOLDS)
-        assert stats["gc"]["frozen_objects"] > 1000  # the modules and the app
+        assert stats["this_worker"]["gc"]["thresholds"] == list(GC_THRESHOLDS)
+        assert stats["this_worker"]["gc"]["frozen_objects"] > 1000  # the modules and the app
 
 
 def test_memory_store_with_several_workers_is_refused_at_start() -> None:

@@ -86,7 +86,7 @@ def test_a_stream_that_finishes_within_the_grace_period_completes(serve: Serve) 
 
 def test_new_chats_are_refused_while_draining(serve: Serve) -> None:
     server = serve(shutdown_grace_period=2, **SLOW)
-    server.app.state.drain()  # type: ignore[attr-defined]  # what stop() does first
+    server.drain()  # what stop() does first
     with httpx.Client(base_url=server.url) as client:
         refused = client.post("/chat", json={"message": "too late"})
         assert client.get("/health").status_code == 200
@@ -127,7 +127,7 @@ def test_draining_one_server_leaves_another_in_the_same_process_streaming(serve:
     for t in threads:
         t.start()
     time.sleep(0.2)
-    first.app.state.drain()  # type: ignore[attr-defined]
+    first.drain()
     for t in threads:
         t.join(10)
     assert _events(results[0]["raw"])[-1][1]["type"] == "shutdown"  # type: ignore[arg-type]

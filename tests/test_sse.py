@@ -3,7 +3,6 @@ independent decoder (httpx-sse's, which follows the WHATWG event stream rules)."
 
 from __future__ import annotations
 
-import codecs
 import json
 import re
 from typing import Any
@@ -11,10 +10,9 @@ from typing import Any
 import pytest
 from httpx_sse import ServerSentEvent
 from httpx_sse._decoders import SSEDecoder, SSELineDecoder
-from hypothesis import given
 from hypothesis import strategies as st
 
-from chatsse.sse import StreamEncoder, dumps, encode_event
+from chatsse.sse import dumps, encode_event
 
 STREAM_ID = "msg_0123abcd"
 # What a stream can carry: any text UTF-8 can encode (no lone surrogates; pydantic refuses
@@ -121,119 +119,3 @@ def test_encode_event_payload_round_trips(text: str) -> None:
     (event,) = parse(raw)
     assert json.loads(event.data) == {"delta": text}
     assert_one_data_line_per_event(raw, 1)
-
-
-# --- StreamEncoder ---------------------------------------------------------------
-
-
-def test_stream_ids_count_from_zero_across_all_events() -> None:
-    enc = StreamEncoder(STREAM_ID)
-    assert enc.stream_id == STREAM_ID
-    assert enc.seq == 0
-    raw = b"".join(
-        [
-            enc.event("connected", {"message_id": STREAM_ID}, retry=2500),
-            enc.delta("Hello"),
-            enc.delta(","),
-            enc.delta(" world"),
-            enc.event("completed", {"content": "Hello, world", "finish_reason": "stop"}),
-        ]
-    )
-    events = parse(raw)
-    assert [e.id for e in events] == [f"{STREAM_ID}:{i}" for i in range(5)]
-    assert enc.seq == 5
-    assert [e.event for e in events] == ["connected", "message", "message", "message", "completed"]
-    assert [e.retry for e in events] == [2500, None, None, None, None]
-    assert json.loads(events[0].data) == {"message_id": STREAM_ID}
-    assert [json.loads(e.data) for e in events[1:4]] == [
-        {"delta": "Hello"},
-        {"delta": ","},
-        {"delta": " world"},
-    ]
-    assert json.loads(events[4].data) == {"content": "Hello, world", "finish_reason": "stop"}
-    assert_one_data_line_per_event(raw, 5)
-
-
-def test_separate_streams_number_independently() -> None:
-    a, b = StreamEncoder("a"), StreamEncoder("b")
-    a.delta("x")
-    a.delta("y")
-    (event,) = parse(b.delta("z"))
-    assert event.id == "b:0"
-    (event,) = parse(a.delta("w"))
-    assert event.id == "a:2"
-
-
-@pytest.mark.parametrize("text", TRICKY_DELTAS)
-def test_delta_round_trips_exactly(text: str) -> None:
-    raw = StreamEncoder(STREAM_ID).delta(text)
-    (event,) = parse(raw)
-    assert event.event == "message"
-    assert event.id == f"{STREAM_ID}:0"
-    assert event.retry is None
-    assert json.loads(event.data) == {"delta": text}
-    assert_one_data_line_per_event(raw, 1)
-
-
-@pytest.mark.parametrize("text", TRICKY_DELTAS)
-def test_delta_fast_path_matches_generic_event(text: str) -> None:
-    fast = parse(StreamEncoder(STREAM_ID).delta(text))
-    generic = parse(StreamEncoder(STREAM_ID).event("message", {"delta": text}))
-    assert [(e.event, e.id, e.retry, json.loads(e.data)) for e in fast] == [
-        (e.event, e.id, e.retry, json.loads(e.data)) for e in generic
-    ]
-
-
-@pytest.mark.parametrize("text", TRICKY_DELTAS)
-def test_event_data_is_strict_json(text: str) -> None:
-    (event,) = parse(StreamEncoder(STREAM_ID).delta(text))
-
-    def no_constants(name: str) -> None:
-        raise AssertionError(f"non-standard JSON constant {name}")
-
-    assert json.loads(event.data, parse_constant=no_constants) == {"delta": text}
-
-
-@given(UTF8_TEXT)
-def test_any_delta_round_trips(text: str) -> None:
-    raw = StreamEncoder(STREAM_ID).delta(text)
-    (event,) = parse(raw)
-    assert event.event == "message"
-    assert event.id == f"{STREAM_ID}:0"
-    assert json.loads(event.data) == {"delta": text}
-    assert_one_data_line_per_event(raw, 1)
-
-
-@given(st.lists(UTF8_TEXT, max_size=20), st.integers(min_value=0, max_value=10**7))
-def test_any_stream_of_deltas_round_trips(deltas: list[str], retry: int) -> None:
-    enc = StreamEncoder(STREAM_ID)
-    raw = enc.event("connected", {"n": len(deltas)}, retry=retry)
-    raw += b"".join(enc.delta(text) for text in deltas)
-    raw += enc.event("completed", {"content": "".join(deltas)})
-    events = parse(raw)
-    assert len(events) == len(deltas) + 2
-    assert [e.id for e in events] == [f"{STREAM_ID}:{i}" for i in range(len(deltas) + 2)]
-    assert events[0].retry == retry
-    assert [json.loads(e.data)["delta"] for e in events[1:-1]] == deltas
-    assert json.loads(events[-1].data) == {"content": "".join(deltas)}
-    assert_one_data_line_per_event(raw, len(deltas) + 2)
-
-
-@given(UTF8_TEXT, st.integers(min_value=1, max_value=64))
-def test_delta_stream_parses_the_same_in_any_chunking(text: str, size: int) -> None:
-    enc = StreamEncoder(STREAM_ID)
-    raw = enc.delta(text) + enc.delta(text[::-1])
-    whole = parse(raw)
-    # Feed byte chunks through an incremental UTF-8 decoder, as a network client would.
-    utf8 = codecs.getincrementaldecoder("utf-8")()
-    lines, decoder = SSELineDecoder(), SSEDecoder()
-    events = []
-    for i in range(0, len(raw), size):
-        chunk = utf8.decode(raw[i : i + size])
-        for line in lines.decode(chunk) if chunk else []:
-            event = decoder.decode(line)
-            if event is not None:
-                events.append(event)
-    assert utf8.decode(b"", final=True) == ""
-    assert [(e.id, e.data) for e in events] == [(e.id, e.data) for e in whole]
-    assert [json.loads(e.data)["delta"] for e in events] == [text, text[::-1]]

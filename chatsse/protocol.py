@@ -1,0 +1,225 @@
+"""chatsse's wire protocol: every name a client of ``POST /chat`` sees, in one place.
+
+Event names, the keys of each event's data, the event id format, the error envelope, the
+error types (before a stream: with their HTTP status; during one: with the finish reason of
+the stored reply) and how each stream can end. The server's encoder (chatsse/chat.py), the
+load client's chatsse target, the workbook, the chat page (its constants are generated from
+:func:`page_constants`) and the benchmarks' reference servers all take them from here; the
+README's protocol tables list the same names (tests/test_readme.py checks).
+
+Wire format of one event (chatsse/sse.py encodes it)::
+
+    id: <message id>:<position>
+    event: <name>
+    retry: <ms>                (connected only)
+    data: <one line of JSON>
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Final, Literal, TypedDict, get_args
+
+__all__ = [
+    "COMPLETED",
+    "CONNECTED",
+    "ENDINGS",
+    "ERROR",
+    "EVENTS",
+    "EVENT_DATA",
+    "HTTP_ERRORS",
+    "ID_SEPARATOR",
+    "MESSAGE",
+    "CompletedData",
+    "ConnectedData",
+    "Ending",
+    "ErrorData",
+    "FinishReason",
+    "MessageData",
+    "Outcome",
+    "Timings",
+    "Usage",
+    "error_body",
+    "error_envelope",
+    "event_id",
+    "page_constants",
+    "parse_event_id",
+]
+
+# --- events, in stream order ---------------------------------------------------------------
+
+CONNECTED: Final = "connected"
+MESSAGE: Final = "message"
+COMPLETED: Final = "completed"
+ERROR: Final = "error"
+EVENTS: Final = (CONNECTED, MESSAGE, COMPLETED, ERROR)
+
+FinishReason = Literal["stop", "length", "interrupted", "timeout", "error", "shutdown", "lost"]
+"""A stored reply's finish reason. ``lost``: the turn never stored its reply (its worker died,
+or its store call never answered) and a later turn took the conversation over."""
+
+
+class ConnectedData(TypedDict):
+    conversation_id: str
+    user_message_id: str
+    message_id: str  # the reply's id, the stream's id
+    model: str
+    created: float  # Unix time of the user message
+
+
+class MessageData(TypedDict):
+    delta: str
+
+
+class Usage(TypedDict):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Timings(TypedDict):
+    ttft_ms: float | None  # request arrival to the first token sent
+    total_ms: float  # request arrival to the reply stored
+
+
+class CompletedData(TypedDict):
+    conversation_id: str
+    message_id: str
+    content: str
+    finish_reason: FinishReason
+    usage: Usage
+    timings: Timings
+
+
+class ErrorData(TypedDict):
+    type: str
+    message: str
+    message_id: str
+
+
+EVENT_DATA: Final[dict[str, type]] = {
+    CONNECTED: ConnectedData,
+    MESSAGE: MessageData,
+    COMPLETED: CompletedData,
+    ERROR: ErrorData,
+}
+
+# --- event ids ------------------------------------------------------------------------------
+
+ID_SEPARATOR: Final = ":"
+
+
+def event_id(message_id: str, position: int) -> str:
+    """An event's id: the stream (the reply's message id) and the event's place in it, from 0."""
+    return f"{message_id}{ID_SEPARATOR}{position}"
+
+
+def parse_event_id(value: str) -> tuple[str, int]:
+    """``(message_id, position)`` of an event id; ValueError if it is not one."""
+    message_id, separator, position = value.rpartition(ID_SEPARATOR)
+    if not separator or not message_id or not position.isdigit():
+        raise ValueError(f"not a chatsse event id: {value!r}")
+    return message_id, int(position)
+
+
+# --- errors before a stream: HTTP status and JSON envelope ----------------------------------
+
+HTTP_ERRORS: Final[dict[str, int]] = {
+    "conversation_not_found": 404,
+    "not_found": 404,
+    "method_not_allowed": 405,
+    "conversation_busy": 409,
+    "conversation_full": 409,
+    "message_too_large": 413,
+    "request_too_large": 413,
+    "invalid_request": 422,
+    "server_busy": 503,
+    "conversation_limit": 503,
+    "shutting_down": 503,
+    "storage_unavailable": 503,
+    "internal_error": 500,
+}
+"""Error types answered before a stream starts, with their HTTP status."""
+
+
+def error_envelope(error_type: str, message: str, **extra: Any) -> dict[str, Any]:
+    """``{"error": {"type", "message", ...}}``: every JSON error body, and OpenAI's shape."""
+    return {"error": {"type": error_type, "message": message, **extra}}
+
+
+def error_body(error_type: str, message: str, **extra: Any) -> bytes:
+    return json.dumps(error_envelope(error_type, message, **extra), separators=(",", ":")).encode()
+
+
+# --- how a stream ends ----------------------------------------------------------------------
+
+Outcome = Literal[
+    "stop",
+    "length",
+    "client_disconnected",
+    "write_timeout",
+    "timeout",
+    "engine_timeout",
+    "engine_error",
+    "internal_error",
+    "shutdown",
+    "storage_error",
+    "turn_lost",
+]
+"""Where a stream ended (the ``outcome`` label of ``chatsse_streams_total``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ending:
+    """What one outcome means on the wire and in the store."""
+
+    finish_reason: FinishReason | None  # of the stored reply; None: no reply is stored
+    error_type: str | None  # the final ``error`` event's type; None: ``completed`` or nothing
+    meaning: str
+
+
+ENDINGS: Final[dict[Outcome, Ending]] = {
+    "stop": Ending("stop", None, "the reply is complete"),
+    "length": Ending("length", None, "the reply reached max_tokens"),
+    "client_disconnected": Ending("interrupted", None, "the client went away mid-reply"),
+    "write_timeout": Ending(
+        "interrupted", None, "the client stopped reading: a write waited CHATSSE_WRITE_TIMEOUT"
+    ),
+    "timeout": Ending("timeout", "timeout", "the reply did not finish within CHATSSE_REQUEST_TIMEOUT"),
+    "engine_timeout": Ending(
+        "timeout",
+        "engine_timeout",
+        "the engine sent no token within CHATSSE_ENGINE_FIRST_TOKEN_TIMEOUT (first) or "
+        "CHATSSE_ENGINE_IDLE_TIMEOUT (next)",
+    ),
+    "engine_error": Ending("error", "engine_error", "the response engine failed mid-reply"),
+    "internal_error": Ending("error", "internal_error", "chatsse failed to encode or send an event"),
+    "shutdown": Ending(
+        "shutdown",
+        "shutdown",
+        "the server is stopping and the reply did not finish within CHATSSE_SHUTDOWN_GRACE_PERIOD",
+    ),
+    "storage_error": Ending(None, "storage_error", "the conversation store did not store the reply"),
+    "turn_lost": Ending(
+        None,
+        "turn_lost",
+        "the turn outlived its conversation lock and another turn (or a deletion) took the "
+        "conversation over; the reply is not stored",
+    ),
+}
+assert set(ENDINGS) == set(get_args(Outcome))
+
+
+def page_constants() -> dict[str, Any]:
+    """What the chat page's script needs, generated into the page (chatsse/routes.py)."""
+    return {
+        "events": {name: name for name in EVENTS},
+        "idSeparator": ID_SEPARATOR,
+        "fields": {
+            **{name: sorted(cls.__annotations__) for name, cls in EVENT_DATA.items()},
+            "usage": sorted(Usage.__annotations__),
+            "timings": sorted(Timings.__annotations__),
+        },
+        "streamErrors": sorted({e.error_type for e in ENDINGS.values() if e.error_type}),
+    }

@@ -1,0 +1,278 @@
+"""One turn streamed to one client, whatever the front: :class:`TurnStream`.
+
+The turn machinery every protocol shares. A front (``POST /chat`` today, chatsse/chat.py)
+admits a stream (chatsse/lifecycle.py), begins the turn (chatsse/conversations.py) and hands
+a :class:`TurnStream` its :class:`ReplyFormat`: the bytes of its opening, its per-token
+events, its last event and its error events. The stream does the rest the same way for every
+front: pulls tokens from the engine, marks what it waits on for the watchdog, stores the reply
+once however the stream ends, classifies the end (:data:`chatsse.protocol.ENDINGS`) and
+records one metrics update and one log line.
+
+How a stream can end, and who ends it::
+
+    run() returns ............ the reply completed (or the engine or an encoder failed)
+    run() cancelled .......... Slot.stop(reason): client gone, a deadline, the drain
+      -> stopped(reason)       store the partial reply, the last event for that reason
+    close() .................. always, once: release the slot, record the outcome
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from chatsse.conversations import ConversationManager, Turn
+from chatsse.engine import Engine, Generation
+from chatsse.errors import StorageUnavailable, TurnLost
+from chatsse.lifecycle import FIRST_TOKEN, NEXT_TOKEN, STORING, WRITING, Lifecycle, Slot
+from chatsse.logs import get_logger
+from chatsse.metrics import Metrics
+from chatsse.protocol import ENDINGS, FinishReason, Outcome
+from chatsse.sse import Emit
+
+__all__ = ["ReplyFormat", "TurnResult", "TurnStream"]
+
+log = get_logger("chatsse.turns")
+
+
+@dataclass(frozen=True, slots=True)
+class TurnResult:
+    """A completed, stored reply, for a front's last event."""
+
+    content: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_ms: float | None  # request arrival to the first token sent
+    total_ms: float  # request arrival to the reply stored
+
+
+class ReplyFormat(Protocol):
+    """How one front writes a turn: each method returns the bytes of one event (or several)."""
+
+    def opening(self) -> bytes: ...
+
+    def delta(self, text: str) -> bytes:
+        """The per-token hot path: keep it to a few string operations."""
+        ...
+
+    def completed(self, result: TurnResult) -> bytes: ...
+
+    def error(self, error_type: str, message: str) -> bytes: ...
+
+
+class TurnStream:
+    """The producer of one turn's event stream (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        turn: Turn,
+        slot: Slot,
+        lifecycle: Lifecycle,
+        engine: Engine,
+        manager: ConversationManager,
+        reply_format: ReplyFormat,
+        metrics: Metrics,
+        max_tokens: int,
+        arrived: float,
+        log_fields: dict[str, Any],
+    ) -> None:
+        self.turn = turn
+        self.slot = slot
+        self.lifecycle = lifecycle
+        self.engine = engine
+        self.manager = manager
+        self.format = reply_format
+        self.metrics = metrics
+        self.max_tokens = max_tokens
+        self.arrived = arrived
+        self.log_fields = log_fields
+        self.parts: list[str] = []
+        self.generation: Generation | None = None
+        self.first_token_at: float | None = None
+        self.outcome: Outcome | None = None
+        self.opened = False
+        self.final_event = False
+        self._stored = False  # the one store of the reply was made (or tried)
+        self._generated = False  # the engine ran to its end
+        self._closed = False
+
+    def _ms_since_arrival(self, at: float) -> float:
+        return round((at - self.arrived) * 1000, 3)
+
+    # --- the stream ---
+
+    async def run(self, emit: Emit) -> bytes:
+        """Stream the turn and store the reply; returns the last event (``completed``, or an
+        ``error`` if the engine, an encoder or the store failed)."""
+        slot = self.slot
+        slot.phase = WRITING
+        try:
+            await emit(self.format.opening())
+        except Exception as exc:
+            return await self._failed("internal_error", exc)
+        self.opened = True
+        try:
+            generation = self.generation = self.engine.generate(self.turn.prompt, max_tokens=self.max_tokens)
+        except Exception as exc:
+            return await self._failed("engine_error", exc)
+        next_delta, encode = generation.__anext__, self.format.delta
+        append = self.parts.append
+        waiting = FIRST_TOKEN
+        try:
+            while True:
+                slot.phase = waiting
+                try:
+                    text = await next_delta()
+                except StopAsyncIteration:
+                    break
+                except Exception as exc:
+                    return await self._failed("engine_error", exc)
+                if waiting == FIRST_TOKEN:
+                    self.first_token_at = time.perf_counter()
+                    waiting = NEXT_TOKEN
+                slot.phase = WRITING
+                await emit(encode(text))
+                append(text)
+        except Exception as exc:
+            return await self._failed("internal_error", exc)
+        self._generated = True
+        return await self._complete(generation.finish_reason or "stop")
+
+    async def stopped(self, reason: Outcome) -> bytes | None:
+        """The stream was stopped mid-turn (``Slot.stop``): store what was sent; the last event
+        for ``reason``, or None when no event can or need be sent."""
+        await self._end_generation()
+        ending = ENDINGS[reason]
+        stored = await self._store(ending.finish_reason or "interrupted")
+        self.outcome = reason
+        if ending.error_type is None or self.slot.disconnected:
+            return None
+        message = self._stop_message(reason)
+        if stored is not None:
+            message += f"; the partial reply was not stored ({stored[1]})"
+        return self._error(ending.error_type, message)
+
+    async def close(self) -> None:
+        """Called once when the response ends, however it ends: store a partial reply if the
+        stream never did (an unexpected error), release the slot, record the outcome."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if not self._stored:
+                slot = self.slot
+                fallback: Outcome = "client_disconnected" if slot.disconnected else "internal_error"
+                self.outcome = self.outcome or slot.stop_reason or fallback
+                await self._end_generation()
+                await self._store("interrupted")
+        finally:
+            self.lifecycle.release(self.slot)
+            self._record()
+
+    # --- endings ---
+
+    async def _complete(self, finish_reason: FinishReason) -> bytes:
+        content = "".join(self.parts)
+        failed = await self._store(finish_reason, content)
+        if failed is not None:
+            self.outcome = failed[0]
+            return self._error(failed[0], failed[1])
+        self.outcome = finish_reason  # type: ignore[assignment]  # stop or length
+        generation = self.generation
+        assert generation is not None
+        first = self.first_token_at
+        return self._last(
+            self.format.completed(
+                TurnResult(
+                    content=content,
+                    finish_reason=finish_reason,
+                    prompt_tokens=generation.prompt_tokens,
+                    completion_tokens=generation.completion_tokens,
+                    ttft_ms=None if first is None else self._ms_since_arrival(first),
+                    total_ms=self._ms_since_arrival(time.perf_counter()),
+                )
+            )
+        )
+
+    async def _failed(self, outcome: Outcome, exc: Exception) -> bytes:
+        """The engine or an encoder failed: store what was sent, end with an error event."""
+        message = f"{type(exc).__name__}: {exc}"
+        if outcome == "internal_error":
+            log.error("stream_failed", error=message, exc_info=exc)
+        await self._end_generation()
+        ending = ENDINGS[outcome]
+        failed = await self._store(ending.finish_reason or "error")
+        self.outcome = outcome
+        if failed is not None:
+            message += f"; the partial reply was not stored ({failed[1]})"
+        return self._error(ending.error_type or outcome, message)
+
+    async def _store(
+        self, finish_reason: FinishReason, content: str | None = None
+    ) -> tuple[Outcome, str] | None:
+        """Store the reply (the one time); the failure, if it failed."""
+        if self._stored:
+            return None
+        self._stored = True
+        self.slot.phase = STORING
+        try:
+            await self.manager.finish_turn(
+                self.turn, "".join(self.parts) if content is None else content, finish_reason
+            )
+        except StorageUnavailable as exc:
+            self.log_fields["store_error"] = exc.message
+            return "storage_error", f"the reply was not stored: {exc.message}"
+        except TurnLost as exc:
+            return "turn_lost", str(exc)
+        return None
+
+    async def _end_generation(self) -> None:
+        """Stop the engine early, bounded by its idle deadline (an engine step like any other)."""
+        generation = self.generation
+        if generation is None or self._generated:
+            return
+        self._generated = True
+        try:
+            async with asyncio.timeout(self.lifecycle.deadlines.token_gap):
+                await generation.aclose()
+        except Exception as exc:
+            log.warning("engine_close_failed", error=f"{type(exc).__name__}: {exc}")
+
+    def _stop_message(self, reason: Outcome) -> str:
+        deadlines = self.lifecycle.deadlines
+        if reason == "timeout":
+            return f"no complete reply within {deadlines.reply:g} s (CHATSSE_REQUEST_TIMEOUT)"
+        if reason == "engine_timeout":
+            if self.first_token_at is None:
+                return f"the engine sent no first token within {deadlines.first_token:g} s"
+            return f"the engine sent no token for {deadlines.token_gap:g} s"
+        if reason == "shutdown":
+            return "the server is shutting down; send the message again"
+        return ENDINGS[reason].meaning
+
+    def _error(self, error_type: str, message: str) -> bytes:
+        self.log_fields["error"] = error_type
+        return self._last(self.format.error(error_type, message))
+
+    def _last(self, event: bytes) -> bytes:
+        self.final_event = True
+        return event
+
+    def _record(self) -> None:
+        outcome = self.outcome or "client_disconnected"
+        tokens = len(self.parts)
+        sent_last = self.final_event and not self.slot.disconnected
+        events = int(self.opened) + tokens + int(sent_last)
+        first = self.first_token_at
+        self.metrics.record_stream(outcome, events, tokens, None if first is None else first - self.arrived)
+        fields = self.log_fields
+        fields["conversation_id"] = self.turn.conversation_id
+        fields["outcome"] = outcome
+        fields["tokens"] = tokens
+        fields["events"] = events
+        if first is not None:
+            fields["ttft_ms"] = self._ms_since_arrival(first)
