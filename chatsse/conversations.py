@@ -6,23 +6,23 @@ or does not answer in time raises :class:`~chatsse.errors.StorageUnavailable` (5
 stream, ``event: error`` of type ``storage_error`` during one). A turn is two store calls:
 :meth:`ConversationManager.begin_turn` and :meth:`ConversationManager.finish_turn`.
 
-A call cut short (its deadline, or a forced cancellation) may still have happened in the
-store. Both turn calls are idempotent for the turn's token, so the manager makes them good in
-the background, bounded: a ``begin_turn`` whose answer was lost is undone
-(``cancel_turn``: the client was told it failed), a ``finish_turn`` cancelled mid-call is
-retried (the reply the client saw is stored).
+A call cut short (its deadline, a failure of the store, or a forced cancellation) may still
+happen in the store, late. Both turn calls are idempotent for the turn's token, so the manager
+makes them good in the background, until the store answers or the turn's lock would have
+expired (``repair_window``): a ``begin_turn`` whose answer was lost is undone
+(``cancel_turn``: the client was told it failed), and a ``finish_turn`` that did not answer is
+made again (the reply the client saw is stored once the store is back, and the lock released).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import TypeVar
 
-from chatsse.errors import StorageUnavailable
+from chatsse.errors import StorageUnavailable, TurnLost
 from chatsse.ids import new_id
 from chatsse.logs import get_logger
 from chatsse.models import ConversationInfo, Message
@@ -35,8 +35,8 @@ T = TypeVar("T")
 Clock = Callable[[], float]
 log = get_logger("chatsse.conversations")
 
-UNDO_ATTEMPTS = 3
 MAX_REPAIRS = 1000  # background repairs at once; under a long outage, later ones are skipped
+MAX_BACKOFF = 5.0  # seconds between two attempts of a repair, at most
 
 
 @dataclass(slots=True)
@@ -55,11 +55,18 @@ class ConversationManager:
     """Conversation operations over one store, each call bounded by ``timeout`` seconds."""
 
     def __init__(
-        self, store: ConversationStore, *, max_history: int, timeout: float, clock: Clock = time.time
+        self,
+        store: ConversationStore,
+        *,
+        max_history: int,
+        timeout: float,
+        repair_window: float | None = None,
+        clock: Clock = time.time,
     ) -> None:
         self.store = store
         self.max_history = max_history
         self.timeout = timeout
+        self.repair_window = repair_window if repair_window is not None else store.limits.lock_ttl
         self._clock = clock
         self._repairs: set[asyncio.Task[None]] = set()
 
@@ -98,24 +105,29 @@ class ConversationManager:
 
     async def finish_turn(self, turn: Turn, content: str, finish_reason: FinishReason) -> Message:
         """Store the reply (complete or partial) and release the lock; ``TurnLost`` if the turn
-        no longer holds it."""
+        no longer holds it. On ``StorageUnavailable`` the reply is stored later, in the
+        background, if the store answers within the repair window."""
         reply = Message(turn.reply_id, "assistant", content, self._clock(), finish_reason)
         try:
             await self._bounded(
                 self.store.finish_turn(turn.conversation_id, reply, token=turn.token), "store the reply"
             )
-        except asyncio.CancelledError:
+        except (StorageUnavailable, asyncio.CancelledError):
             self._repair(self._retry_finish(turn, reply))
             raise
         return reply
 
     async def cancel_turn(self, turn: Turn) -> None:
         """Undo a begun turn that will not stream (its user message goes, the lock is released)."""
-        await self._bounded(
-            self.store.cancel_turn(
-                turn.conversation_id, token=turn.token, user_message_id=turn.user_message.id, new=turn.new
-            ),
-            "cancel the turn",
+        await self._bounded(self._undo_begin(turn), "cancel the turn")
+
+    def _store_reply(self, turn: Turn, reply: Message) -> Coroutine[None, None, None]:
+        return self.store.finish_turn(turn.conversation_id, reply, token=turn.token)
+
+    def _undo_begin(self, turn: Turn) -> Coroutine[None, None, bool]:
+        user_message_id = turn.user_message.id
+        return self.store.cancel_turn(
+            turn.conversation_id, token=turn.token, user_message_id=user_message_id, new=turn.new
         )
 
     # --- repairs in the background ---
@@ -129,12 +141,23 @@ class ConversationManager:
         self._repairs.add(task)
         task.add_done_callback(self._repairs.discard)
 
+    async def _attempts(self) -> AsyncIterator[None]:
+        """Yield at each attempt of a repair: at once, then with backoff, within the window."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.repair_window
+        delay = self.timeout
+        while True:
+            yield
+            if loop.time() + delay > give_up:
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_BACKOFF)
+
     async def _undo(self, turn: Turn) -> None:
         """Undo a ``begin_turn`` whose answer was lost. A call that reached the store late could
         still run after a first "nothing to undo", so look twice before believing it."""
         nothing = 0
-        for attempt in range(UNDO_ATTEMPTS):
-            await asyncio.sleep(self.timeout * attempt)
+        async for _ in self._attempts():
             try:
                 async with asyncio.timeout(self.timeout):
                     undone = await self.store.cancel_turn(
@@ -153,18 +176,22 @@ class ConversationManager:
         log.warning("turn_not_undone", conversation_id=turn.conversation_id)
 
     async def _retry_finish(self, turn: Turn, reply: Message) -> None:
-        for attempt in range(UNDO_ATTEMPTS):
-            await asyncio.sleep(self.timeout * attempt)
-            with contextlib.suppress(StorageUnavailable, TimeoutError):
+        async for _ in self._attempts():
+            try:
                 async with asyncio.timeout(self.timeout):
-                    await self.store.finish_turn(turn.conversation_id, reply, token=turn.token)
-                return
+                    await self._store_reply(turn, reply)
+            except (StorageUnavailable, TimeoutError):
+                continue
+            except TurnLost:
+                pass
+            return
         log.warning("reply_not_stored", conversation_id=turn.conversation_id, message_id=reply.id)
 
-    async def settle(self) -> None:
-        """Wait for the background repairs (each is bounded); cancel any still running after."""
+    async def settle(self, within: float | None = None) -> None:
+        """Wait for the background repairs (at most ``within`` seconds, by default one store
+        deadline: the app is stopping); cancel any still running after."""
         if self._repairs:
-            await asyncio.wait(list(self._repairs), timeout=self.timeout * (UNDO_ATTEMPTS + 2))
+            await asyncio.wait(list(self._repairs), timeout=self.timeout if within is None else within)
         for task in list(self._repairs):
             task.cancel()
 

@@ -154,7 +154,10 @@ class TurnStream:
         message = self._stop_message(reason)
         if stored is not None:
             message += f"; the partial reply was not stored ({stored[1]})"
-        return self._error(ending.error_type, message)
+        # Stopped before it began (a drain reached it still in begin_turn): it opens all the same.
+        opening = b"" if self.opened else self.format.opening()
+        self.opened = True
+        return opening + self._error(ending.error_type, message)
 
     async def close(self) -> None:
         """Called once when the response ends, however it ends: store a partial reply if the
@@ -225,7 +228,8 @@ class TurnStream:
             )
         except StorageUnavailable as exc:
             self.log_fields["store_error"] = exc.message
-            return "storage_error", f"the reply was not stored: {exc.message}"
+            later = f"it will be if the store answers again within {self.manager.repair_window:g} s"
+            return "storage_error", f"the reply is not stored: {exc.message}; {later}"
         except TurnLost as exc:
             return "turn_lost", str(exc)
         return None

@@ -139,7 +139,7 @@ async def test_a_store_slower_than_the_deadline_is_storage_unavailable_and_the_t
         await manager.begin_turn(info.id, "late")
     assert asyncio.get_running_loop().time() - started < 0.25  # the deadline, not the store's pace
     # The store did begin the turn (its answer was late): the manager undoes it.
-    await manager.settle()
+    await manager.settle(10)
     assert store.calls[:2] == ["begin", "cancel"]
     assert await store.messages(info.id) == []
 
@@ -155,7 +155,7 @@ async def test_a_finish_cancelled_mid_call_is_retried_in_the_background(clock: F
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await manager.settle()
+    await manager.settle(10)
     assert store.calls.count("finish") == 2
     assert [m.content for m in await store.messages(turn.conversation_id)] == [
         "q",

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import httpx
+import pytest
 from support import chat, metric_value
+
+from chatsse import metrics as metrics_module
 
 
 def test_metrics_count_requests_streams_events_and_tokens(client: httpx.Client) -> None:
@@ -54,3 +60,24 @@ def test_unknown_methods_share_one_label(client: httpx.Client) -> None:
         metric_value(text, "chatsse_http_requests_total", method="OTHER", route="/health", status="405") == 3
     )
     assert 'method="PROPFIND"' not in text
+
+
+def test_the_all_workers_collector_is_built_once_per_app(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/metrics and /stats read every worker's files through one collector, not a new one
+    per scrape."""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    built: list[str] = []
+    real = metrics_module.MultiProcessCollector
+
+    def counting(registry: Any, path: str) -> Any:
+        built.append(path)
+        return real(registry, path=path)
+
+    monkeypatch.setattr(metrics_module, "MultiProcessCollector", counting)
+    metrics = metrics_module.Metrics()
+    for _ in range(3):
+        assert metrics.render().startswith(b"# HELP") or metrics.render() == b""
+        assert metrics.summary()["requests"] == 0
+    assert built == [str(tmp_path)]

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -323,3 +324,55 @@ def test_json_log_format_covers_gunicorn_and_uvicorn_lines(tmp_path: Path) -> No
     assert any(e.startswith("Starting gunicorn") for e in events)  # gunicorn's own
     assert any(e.startswith("Started server process") for e in events)  # uvicorn's, in a worker
     assert {p["path"] for p in parsed if p["event"] == "request"} == {"/health"}  # chatsse's
+
+
+def test_metrics_live_in_a_directory_of_chatsses_own_inside_the_operators(tmp_path: Path) -> None:
+    """An operator's PROMETHEUS_MULTIPROC_DIR (here with a file of theirs in it) is never
+    emptied or removed: chatsse uses a fresh directory inside it, and removes only that."""
+    operator = tmp_path / "metrics"
+    operator.mkdir()
+    (operator / "theirs.txt").write_text("keep me")
+    env = {**FAST_ENV, "PROMETHEUS_MULTIPROC_DIR": str(operator)}
+    with GunicornServer(workers=2, store=f"sqlite:///{tmp_path / 'c.db'}", env=env) as server:
+        with httpx.Client(base_url=server.url) as client:
+            assert chat(client, "counted").events[-1].event == "completed"
+            text = client.get("/metrics").text
+        assert metric_value(text, "chatsse_streams_total", outcome="stop") == 1
+        (ours,) = [p for p in operator.iterdir() if p.is_dir()]
+        assert ours.name.startswith("chatsse-metrics-")
+        assert any(ours.glob("*.db"))  # the workers write their values there
+        assert not list(operator.glob("*.db"))
+    assert (operator / "theirs.txt").read_text() == "keep me"
+    assert sorted(p.name for p in operator.iterdir()) == ["theirs.txt"]
+
+
+def test_without_an_operators_directory_metrics_go_to_a_fresh_temporary_one(tmp_path: Path) -> None:
+    before = set(Path(tempfile.gettempdir()).glob("chatsse-metrics-*"))
+    with GunicornServer(workers=1, store=f"sqlite:///{tmp_path / 'c.db'}", env=FAST_ENV) as server:
+        made = set(Path(tempfile.gettempdir()).glob("chatsse-metrics-*")) - before
+        assert len(made) == 1
+        assert httpx.get(f"{server.url}/metrics").status_code == 200
+    assert not made.pop().exists()
+
+
+def test_a_store_chosen_in_dot_env_is_used_with_several_workers(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("CHATSSE_STORE=sqlite:///chosen/in-dot-env.db\n")
+    with GunicornServer(workers=2, env=FAST_ENV, cwd=tmp_path) as server:
+        assert httpx.get(f"{server.url}/health").json()["store"] == "sqlite"
+        with httpx.Client(base_url=server.url) as client:
+            assert chat(client, "where am I stored?").events[-1].event == "completed"
+    assert (tmp_path / "chosen" / "in-dot-env.db").exists()
+    assert not (tmp_path / ".chatsse").exists()
+
+
+def test_choose_store_reads_settings_not_the_environment(tmp_path: Path) -> None:
+    from chatsse.serving import choose_store
+    from chatsse.settings import Settings, SettingsError
+
+    env_file = tmp_path / ".env"
+    env_file.write_text("CHATSSE_STORE=redis://cache:6379/2\n")
+    assert choose_store(Settings(_env_file=env_file, workers=4)) == "redis://cache:6379/2"  # type: ignore[call-arg]
+    assert choose_store(Settings(_env_file=None, workers=4)) == "sqlite:///.chatsse/conversations.db"  # type: ignore[call-arg]
+    assert choose_store(Settings(_env_file=None, workers=1)) == "memory"  # type: ignore[call-arg]
+    with pytest.raises(SettingsError, match="CHATSSE_STORE=memory"):
+        choose_store(Settings(_env_file=None, workers=2, store="memory"))  # type: ignore[call-arg]

@@ -231,3 +231,26 @@ def test_equal_min_and_max_reply_tokens_are_accepted(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("CHATSSE_SIM_REPLY_TOKENS_MAX", "30")
     settings = load_settings()
     assert settings.sim_reply_tokens_min == settings.sim_reply_tokens_max == 30
+
+
+def test_a_renamed_variable_stops_start_up_naming_the_new_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHATSSE_MAX_CONCURRENT_CONNECTIONS", "10")
+    with pytest.raises(SettingsError) as error:
+        load_settings()
+    assert names_in(str(error.value)) == {
+        "CHATSSE_MAX_CONCURRENT_CONNECTIONS",
+        "CHATSSE_MAX_STREAMS_PER_WORKER",
+    }
+
+
+def test_a_renamed_variable_in_dotenv_stops_start_up_too(clean_environment: Path) -> None:
+    (clean_environment / ".env").write_text("CHATSSE_MAX_CONCURRENT_CONNECTIONS=10\n")
+    with pytest.raises(SettingsError, match="CHATSSE_MAX_STREAMS_PER_WORKER"):
+        load_settings()
+
+
+def test_store_is_chosen_only_when_set(monkeypatch: pytest.MonkeyPatch, clean_environment: Path) -> None:
+    assert load_settings().store_is_chosen is False
+    (clean_environment / ".env").write_text("CHATSSE_STORE=sqlite:///x.db\n")
+    assert load_settings().store_is_chosen is True
+    assert load_settings().store_url.path == "x.db"
