@@ -6,6 +6,7 @@ one process.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -23,7 +24,7 @@ from chatsse.deadlines import derive
 from chatsse.engine import Engine, SimulatedEngine
 from chatsse.errors import ApiError
 from chatsse.lifecycle import Lifecycle
-from chatsse.logs import configure_logging
+from chatsse.logs import configure_logging, get_logger
 from chatsse.metrics import Metrics
 from chatsse.middleware import RequestContextMiddleware
 from chatsse.responses import api_error, invalid_request, json_error
@@ -35,6 +36,7 @@ from chatsse.stores import ConversationStore, StoreLimits, open_store
 
 __all__ = ["ChatsseApp", "create_app"]
 
+log = get_logger("chatsse.app")
 # JSON escaping can grow a message up to six-fold (\uXXXX); allow that plus the envelope.
 _BODY_OVERHEAD = 4096
 _HTTP_ERROR_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
@@ -101,12 +103,7 @@ def create_app(
         store = open_store(settings.store_url, limits, timeout=deadlines.store)
     metrics = Metrics()
     manager = ConversationManager(store, max_history=settings.max_history_length, timeout=deadlines.store)
-    lifecycle = Lifecycle(
-        deadlines,
-        max_streams=settings.max_streams_per_worker,
-        busy_retry_after=max(1, round(settings.sse_retry_ms / 1000)),
-        gauge=metrics.open_streams,
-    )
+    lifecycle = Lifecycle(deadlines, max_streams=settings.max_streams_per_worker, gauge=metrics.open_streams)
     state = AppState(settings, deadlines, engine, manager, metrics, lifecycle)
 
     @asynccontextmanager
@@ -114,9 +111,13 @@ def create_app(
         try:
             yield
         finally:
-            await lifecycle.aclose()
-            await engine.aclose()
-            await manager.aclose()
+            await lifecycle.aclose()  # bounded by the drain's own deadlines
+            for step, bound in ((engine.aclose, deadlines.token_gap), (manager.aclose, 2 * deadlines.store)):
+                try:
+                    async with asyncio.timeout(bound):
+                        await step()
+                except Exception as exc:  # the app stops either way; say what did not close
+                    log.warning("close_failed", step=step.__qualname__, error=f"{type(exc).__name__}: {exc}")
 
     app = ChatsseApp(title="chatsse", version=__version__, debug=settings.debug, lifespan=lifespan)
     app.lifecycle = lifecycle

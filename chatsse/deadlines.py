@@ -46,6 +46,7 @@ class Deadlines:
     server_shutdown: float  # uvicorn's timeout_graceful_shutdown
     gunicorn_graceful: int  # gunicorn's graceful_timeout: after it, gunicorn kills the worker
     gunicorn_timeout: int  # gunicorn's heartbeat timeout; a draining worker sends no heartbeat
+    busy_retry_after: int  # the Retry-After of a 503 server_busy: a client's SSE retry delay
 
 
 def derive(settings: Settings) -> Deadlines:
@@ -71,4 +72,5 @@ def derive(settings: Settings) -> Deadlines:
         server_shutdown=server_shutdown,
         gunicorn_graceful=gunicorn_graceful,
         gunicorn_timeout=max(30, gunicorn_graceful + 5),
+        busy_retry_after=max(1, round(settings.sse_retry_ms / 1000)),
     )

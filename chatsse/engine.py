@@ -1,7 +1,10 @@
 """Response engines: what turns a message history into a stream of text deltas.
 
 Routes see only the :class:`Engine` protocol. The simulated engine here is the default;
-a real LLM backend implements the same two methods.
+a real LLM backend implements the same two methods. A :class:`Generation` yields, at each
+step, the deltas it has at that moment (one or more): a real model's server sends several
+tokens in one network chunk when it is ahead, and the simulated engine hands over a whole
+sentence when it runs unpaced. Each delta is still its own event on the wire.
 
 Simulated timing model (all settings in milliseconds)::
 
@@ -66,6 +69,7 @@ class Uniform(Protocol):
 
 
 _MASK64 = (1 << 64) - 1
+_NO_LIMIT = 1 << 62
 
 
 class Draws:
@@ -98,7 +102,8 @@ class Draws:
 
 @runtime_checkable
 class Generation(Protocol):
-    """One reply being generated: an async iterator of text deltas.
+    """One reply being generated: an async iterator of batches of text deltas, each batch the
+    deltas ready at that step (never empty).
 
     ``finish_reason`` is set once iteration ends normally; token counts are live.
     """
@@ -109,7 +114,7 @@ class Generation(Protocol):
 
     def __aiter__(self) -> Generation: ...
 
-    async def __anext__(self) -> str: ...
+    async def __anext__(self) -> Sequence[str]: ...
 
     async def aclose(self) -> None: ...
 
@@ -153,25 +158,35 @@ class TimingModel:
         return self.token_interval * (1 + self.jitter * rng.uniform(-1.0, 1.0))
 
 
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 class SimulatedGeneration:
     """A reply's tokens, released on the timing model's schedule.
 
-    ``tokens`` may be lazy (the simulated engine tokenizes a sentence when it reaches it, so
-    an open stream holds the text it has sent, not the whole reply to come). With
-    ``max_tokens``, iteration stops there, and ``finish_reason`` is ``"length"`` if the reply
-    had more.
+    ``parts`` are the reply's tokens a part (a sentence) at a time, and may be lazy: the
+    simulated engine tokenizes a sentence when it reaches it, so an open stream holds the text
+    it has sent, not the whole reply to come. A step yields the tokens due: unpaced, the rest
+    of the current part; paced, the next token once its deadline comes, with any others whose
+    deadline has passed meanwhile (a late loop catches up). With ``max_tokens``, iteration
+    stops there, and ``finish_reason`` is ``"length"`` if the reply had more.
     """
 
     __slots__ = (
-        "_deadline",
         "_done",
+        "_due",
+        "_loop",
         "_max",
         "_paced",
+        "_part",
+        "_parts",
+        "_pos",
         "_rng",
         "_slot",
         "_slots",
         "_timing",
-        "_tokens",
         "_ttft",
         "completion_tokens",
         "finish_reason",
@@ -180,7 +195,7 @@ class SimulatedGeneration:
 
     def __init__(
         self,
-        tokens: Iterable[str],
+        parts: Iterable[Sequence[str]],
         *,
         prompt_tokens: int,
         timing: TimingModel,
@@ -190,14 +205,17 @@ class SimulatedGeneration:
     ) -> None:
         self._slots = slots
         self._slot = False
-        self._tokens: Iterator[str] = iter(tokens)
+        self._parts: Iterator[Sequence[str]] = iter(parts)
+        self._part: Sequence[str] = ()
+        self._pos = 0
         self._max = max_tokens
         self._done = False
         self._timing = timing
         self._rng = rng
         self._ttft = timing.time_to_first_token(prompt_tokens)
         self._paced = timing.paced
-        self._deadline: float | None = None
+        self._due: float | None = None  # when the next token is due (loop time)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0
         self.finish_reason: CompletionReason | None = None
@@ -205,40 +223,81 @@ class SimulatedGeneration:
     def __aiter__(self) -> SimulatedGeneration:
         return self
 
-    async def __anext__(self) -> str:
-        n = self.completion_tokens
+    def _take(self, limit: int) -> list[str]:
+        """Up to ``limit`` tokens of the current part (reaching the next part if this one is
+        used up); empty at the end of the reply."""
+        while self._pos >= len(self._part):
+            part = next(self._parts, None)
+            if part is None:
+                return []
+            self._part, self._pos = part, 0
+        start = self._pos
+        self._pos = end = min(len(self._part), start + limit)
+        return list(self._part[start:end])
+
+    def _stop(self, reason: CompletionReason) -> StopAsyncIteration:
+        self._done = True
+        self.finish_reason = reason
+        self._release()
+        return StopAsyncIteration()
+
+    async def __anext__(self) -> list[str]:
         if self._done:
             raise StopAsyncIteration
-        if n == self._max:
-            self._finish("length" if next(self._tokens, None) is not None else "stop")
-            raise StopAsyncIteration
-        token = next(self._tokens, None)
-        if token is None:
-            self._finish("stop")
-            raise StopAsyncIteration
+        n = self.completion_tokens
+        room = _NO_LIMIT if self._max is None else self._max - n
+        if room <= 0:
+            raise self._stop("length" if self._take(1) else "stop")
+        if not self._paced:
+            batch = self._take(room)
+            if not batch:
+                raise self._stop("stop")
+            if n == 0 and self._slots is not None and not self._slot:
+                await self._acquire()
+            self.completion_tokens = n + len(batch)
+            return batch
+        part, pos = self._part, self._pos
+        if pos < len(part):  # the common case, inline: the next token of this part
+            batch = [part[pos]]
+            self._pos = pos + 1
+        else:
+            batch = self._take(1)
+            if not batch:
+                raise self._stop("stop")
         if n == 0 and self._slots is not None and not self._slot:
-            await self._slots.acquire()
-            self._slot = True
-        if self._paced:
-            now = asyncio.get_running_loop().time()
-            if self._deadline is None:
-                self._deadline = now + self._ttft
-            else:
-                self._deadline += self._timing.gap(self._rng)
-            delay = self._deadline - now
-            if delay > 0:
-                await asyncio.sleep(delay)
-        self.completion_tokens = n + 1
-        return token
+            await self._acquire()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._due is None:
+            self._due = now + self._ttft
+        if self._due > now:
+            # asyncio.sleep without its coroutine: a future the loop's timer completes. A
+            # cancel cancels the future; the timer then finds it done and does nothing.
+            wake = loop.create_future()
+            loop.call_at(self._due, _wake, wake)
+            await wake
+            now = loop.time()
+        timing, rng = self._timing, self._rng
+        self._due += timing.gap(rng)
+        while len(batch) < room and self._due <= now:  # due already: the loop was late
+            more = self._take(1)
+            if not more:
+                break
+            batch += more
+            self._due += timing.gap(rng)
+        self.completion_tokens = n + len(batch)
+        return batch
+
+    async def _acquire(self) -> None:
+        assert self._slots is not None
+        await self._slots.acquire()
+        self._slot = True
 
     async def aclose(self) -> None:
         """Stop early: iteration ends and ``finish_reason`` stays None."""
         self._done = True
-        self._release()
-
-    def _finish(self, reason: CompletionReason) -> None:
-        self._done = True
-        self.finish_reason = reason
         self._release()
 
     def _release(self) -> None:
@@ -297,6 +356,22 @@ def _topic(text: str) -> str:
     return " ".join(best[:2]) if best else "this"
 
 
+def _split_template(template: str) -> tuple[list[str], list[str]]:
+    """The tokens of ``" " + template`` before and after ``{topic}``, which every template has
+    after a space. A token never spans a space that follows a non-space, nor a punctuation
+    mark that follows a word (``tokenize``'s pattern), so the tokens of the formatted sentence
+    are these around the tokens of ``" " + topic`` (tests/test_engine.py checks)."""
+    text = " " + template
+    at = text.index("{topic}")
+    if text[at - 1] != " ":
+        raise ValueError(f"{{topic}} must follow a space: {template!r}")
+    return tokenize(text[: at - 1]), tokenize(text[at + len("{topic}") :])
+
+
+_SENTENCE_TOKENS = tuple(_split_template(sentence) for sentence in _SENTENCES)
+_STEPS = tuple(step for step in range(1, len(_SENTENCES)) if math.gcd(step, len(_SENTENCES)) == 1)
+
+
 def _parts(
     opening: list[str], follow_up: list[str] | None, target: int, order: tuple[int, int], topic: str
 ) -> Iterator[list[str]]:
@@ -309,15 +384,14 @@ def _parts(
     if follow_up is not None:
         yield follow_up
         count += len(follow_up)
+    topic_tokens = tokenize(" " + topic)
     index, step = order
     while count < target:
-        sentence = tokenize(" " + _SENTENCES[index].format(topic=topic))
+        before, after = _SENTENCE_TOKENS[index]
+        sentence = [*before, *topic_tokens, *after]
         yield sentence
         count += len(sentence)
         index = (index + step) % len(_SENTENCES)
-
-
-_STEPS = tuple(step for step in range(1, len(_SENTENCES)) if math.gcd(step, len(_SENTENCES)) == 1)
 
 
 class SimulatedEngine:
@@ -382,7 +456,7 @@ class SimulatedEngine:
         if self.max_concurrency and self._slots is None:
             self._slots = asyncio.Semaphore(self.max_concurrency)
         return SimulatedGeneration(
-            chain.from_iterable(parts),
+            parts,
             prompt_tokens=count_prompt_tokens(messages),
             max_tokens=max_tokens,
             timing=self.timing,

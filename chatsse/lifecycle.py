@@ -112,6 +112,13 @@ class Slot:
             self._waiter.cancel()
             self._waiter = None
 
+    @property
+    def body_send(self) -> Send:
+        """The server's own ``send``, for a producer's per-token loop, which marks ``wrote``
+        itself (once per batch of writes)."""
+        assert self._send is not None
+        return self._send
+
     def emit(self, chunk: bytes) -> Awaitable[None]:
         """The hot path: a flag, a dict, and the server's ``send`` for the caller to await
         (a plain function: no coroutine of its own between the producer and the server)."""
@@ -185,12 +192,9 @@ class Slot:
 class Lifecycle:
     """Admits, tracks, watches, drains and stops one app's streams (module docstring)."""
 
-    def __init__(
-        self, deadlines: Deadlines, *, max_streams: int, busy_retry_after: int, gauge: OpenStreamsGauge
-    ) -> None:
+    def __init__(self, deadlines: Deadlines, *, max_streams: int, gauge: OpenStreamsGauge) -> None:
         self.deadlines = deadlines
         self.max_streams = max_streams
-        self.busy_retry_after = busy_retry_after
         self._gauge = gauge
         self._slots: set[Slot] = set()
         self._ticker: asyncio.Task[None] | None = None
@@ -227,7 +231,7 @@ class Lifecycle:
             raise ServerBusy(
                 f"{len(self._slots)} streams open in this worker; the limit is {self.max_streams}"
                 " (CHATSSE_MAX_STREAMS_PER_WORKER)",
-                retry_after=self.busy_retry_after,
+                retry_after=self.deadlines.busy_retry_after,
             )
         slot = Slot(self)
         self._slots.add(slot)

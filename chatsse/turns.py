@@ -119,14 +119,14 @@ class TurnStream:
             generation = self.generation = self.engine.generate(self.turn.prompt, max_tokens=self.max_tokens)
         except Exception as exc:
             return await self._failed("engine_error", exc)
-        next_delta, encode = generation.__anext__, self.format.delta
-        append = self.parts.append
+        next_batch, encode = generation.__anext__, self.format.delta
+        send, append = slot.body_send, self.parts.append
         waiting = FIRST_TOKEN
         try:
             while True:
                 slot.phase = waiting
                 try:
-                    text = await next_delta()
+                    batch = await next_batch()
                 except StopAsyncIteration:
                     break
                 except Exception as exc:
@@ -135,8 +135,10 @@ class TurnStream:
                     self.first_token_at = time.perf_counter()
                     waiting = NEXT_TOKEN
                 slot.phase = WRITING
-                await emit(encode(text))
-                append(text)
+                slot.wrote = True
+                for text in batch:  # the per-token hot path: one event, one send
+                    await send({"type": "http.response.body", "body": encode(text), "more_body": True})
+                    append(text)
         except Exception as exc:
             return await self._failed("internal_error", exc)
         self._generated = True

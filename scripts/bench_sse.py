@@ -152,7 +152,7 @@ def chatsse_response(events: int) -> App:
 
         def dec(self) -> None: ...
 
-    lifecycle = Lifecycle(derive(settings), max_streams=10**6, busy_retry_after=1, gauge=_Gauge())
+    lifecycle = Lifecycle(derive(settings), max_streams=10**6, gauge=_Gauge())
 
     async def app(scope: Scope, receive: Any, send: Any) -> None:
         slot = lifecycle.admit()

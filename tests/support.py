@@ -81,11 +81,11 @@ class FailingGeneration:
     def __aiter__(self) -> FailingGeneration:
         return self
 
-    async def __anext__(self) -> str:
+    async def __anext__(self) -> list[str]:
         if self.completion_tokens >= len(self.tokens):
             raise EngineFailure("backend went away")
         self.completion_tokens += 1
-        return self.tokens[self.completion_tokens - 1]
+        return [self.tokens[self.completion_tokens - 1]]
 
     async def aclose(self) -> None:
         return None

@@ -284,7 +284,7 @@ class _Tokens:
     def __aiter__(self) -> _Tokens:
         return self
 
-    async def __anext__(self) -> str:
+    async def __anext__(self) -> list[str]:
         if self.completion_tokens == self.stall_after:
             await asyncio.Event().wait()  # an engine that never sends its next token
         if self.completion_tokens == len(self.tokens):
@@ -292,7 +292,7 @@ class _Tokens:
             raise StopAsyncIteration
         self.completion_tokens += 1
         await asyncio.sleep(0)
-        return self.tokens[self.completion_tokens - 1]
+        return [self.tokens[self.completion_tokens - 1]]
 
     async def aclose(self) -> None:
         self.closed = True

@@ -44,12 +44,14 @@ def history(*texts: str) -> list[Message]:
     return [msg(roles[i % 2], text, i) for i, text in enumerate(texts)]
 
 
-def step(coro: Coroutine[Any, Any, str]) -> str:
+def step(coro: Coroutine[Any, Any, list[str]]) -> list[str]:
     """Run one ``__anext__`` to completion without an event loop; fail if it suspends."""
     try:
         coro.send(None)
     except StopIteration as done:
-        return str(done.value)
+        batch: list[str] = done.value
+        assert batch, "a step yields at least one token"
+        return batch
     coro.close()
     pytest.fail("the generation suspended (it would have slept)")
 
@@ -59,7 +61,7 @@ def drain(gen: SimulatedGeneration) -> list[str]:
     out: list[str] = []
     while True:
         try:
-            out.append(step(gen.__anext__()))
+            out += step(gen.__anext__())
         except StopAsyncIteration:
             return out
 
@@ -185,24 +187,46 @@ def test_engine_rejects_bad_reply_token_range(reply_tokens: tuple[int, int]) -> 
 # --- the computed schedule (a fake loop clock; nothing really sleeps) ----------
 
 
+class _Done:
+    """A future the fake loop's timer has completed: awaiting it does not suspend."""
+
+    def __init__(self) -> None:
+        self.finished = False
+
+    def done(self) -> bool:
+        return self.finished
+
+    def set_result(self, value: object) -> None:
+        self.finished = True
+
+    def __await__(self) -> Iterator[None]:
+        assert self.finished, "awaited a timer that was never set"
+        return iter(())
+
+
 class FakeLoop:
-    """Stands in for ``asyncio`` inside chatsse.engine: a clock that sleep advances."""
+    """Stands in for the event loop inside chatsse.engine: a clock that each timer advances
+    to its deadline (plus ``late``), at once."""
 
     def __init__(self, start: float = 100.0, late: float = 0.0) -> None:
         self.now = start
-        self.late = late  # how much every sleep oversleeps
+        self.late = late  # how much every wait oversleeps
         self.sleeps: list[float] = []
 
     def time(self) -> float:
         return self.now
 
-    async def sleep(self, delay: float) -> None:
-        self.sleeps.append(delay)
-        self.now += delay + self.late
+    def create_future(self) -> _Done:
+        return _Done()
+
+    def call_at(self, when: float, callback: Any, future: _Done) -> None:
+        self.sleeps.append(when - self.now)
+        self.now = when + self.late
+        callback(future)
 
 
 def install(monkeypatch: pytest.MonkeyPatch, loop: FakeLoop) -> FakeLoop:
-    fake_asyncio = SimpleNamespace(get_running_loop=lambda: loop, sleep=loop.sleep)
+    fake_asyncio = SimpleNamespace(get_running_loop=lambda: loop)
     monkeypatch.setattr(engine_module, "asyncio", fake_asyncio)
     return loop
 
@@ -217,16 +241,16 @@ def release_times(gen: SimulatedGeneration, loop: FakeLoop) -> list[float]:
     times: list[float] = []
     while True:
         try:
-            step(gen.__anext__())
+            batch = step(gen.__anext__())
         except StopAsyncIteration:
             return times
-        times.append(loop.now)
+        times += [loop.now] * len(batch)
 
 
 def test_schedule_without_jitter(fake_loop: FakeLoop) -> None:
     timing = TimingModel(ttft=0.05, prefill_per_token=0.001, token_interval=0.02, jitter=0.0)
     gen = SimulatedGeneration(
-        ["a", "b", "c", "d"],
+        [["a", "b"], ["c", "d"]],
         prompt_tokens=30,
         timing=timing,
         rng=random.Random(0),
@@ -242,7 +266,7 @@ def test_schedule_with_seeded_jitter_follows_the_formula(fake_loop: FakeLoop) ->
     interval, jitter, seed = 0.02, 0.5, 7
     timing = TimingModel(ttft=0.1, prefill_per_token=0.0, token_interval=interval, jitter=jitter)
     gen = SimulatedGeneration(
-        list("abcdef"),
+        [list("abc"), list("def")],
         prompt_tokens=3,
         timing=timing,
         rng=random.Random(seed),
@@ -263,7 +287,7 @@ def test_late_loop_catches_up_instead_of_drifting(fake_loop: FakeLoop) -> None:
     # whose deadline has passed are released at once and lateness does not accumulate.
     fake_loop.late = 0.05
     timing = TimingModel(ttft=0.1, prefill_per_token=0.0, token_interval=0.02, jitter=0.0)
-    gen = SimulatedGeneration(list("abcdefgh"), prompt_tokens=0, timing=timing, rng=random.Random())
+    gen = SimulatedGeneration([list("abcdefgh")], prompt_tokens=0, timing=timing, rng=random.Random())
     start = fake_loop.now
     times = release_times(gen, fake_loop)
     deadlines = [start + 0.1 + 0.02 * i for i in range(8)]
@@ -281,11 +305,11 @@ def test_zero_timings_generate_without_sleeping() -> None:
     assert gen.finish_reason == "stop"
 
 
-def test_zero_timings_never_call_asyncio_sleep(monkeypatch: pytest.MonkeyPatch) -> None:
-    async def no_sleep(delay: float) -> None:
-        raise AssertionError(f"slept {delay}")
+def test_zero_timings_never_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_loop() -> None:
+        raise AssertionError("asked for the event loop: it would have waited")
 
-    fake_asyncio = SimpleNamespace(get_running_loop=lambda: FakeLoop(), sleep=no_sleep)
+    fake_asyncio = SimpleNamespace(get_running_loop=no_loop)
     monkeypatch.setattr(engine_module, "asyncio", fake_asyncio)
     gen = unpaced_engine().generate(history(QUESTION), max_tokens=10**6)
     assert drain(gen)
@@ -414,10 +438,10 @@ def test_finish_reason_is_none_until_iteration_ends_and_tokens_are_counted() -> 
     yielded = 0
     while True:
         try:
-            step(gen.__anext__())
+            batch = step(gen.__anext__())
         except StopAsyncIteration:
             break
-        yielded += 1
+        yielded += len(batch)
         assert gen.completion_tokens == yielded
         assert gen.finish_reason is None
     assert yielded > 0
@@ -434,10 +458,10 @@ def test_finish_reason_is_none_until_iteration_ends_and_tokens_are_counted() -> 
 @pytest.mark.anyio
 async def test_live_pacing_takes_at_least_ttft_plus_gaps() -> None:
     timing = TimingModel(ttft=0.05, prefill_per_token=0.0, token_interval=0.02, jitter=0.0)
-    gen = SimulatedGeneration(["a", "b", "c"], prompt_tokens=10, timing=timing, rng=random.Random(0))
+    gen = SimulatedGeneration([["a", "b", "c"]], prompt_tokens=10, timing=timing, rng=random.Random(0))
     loop = asyncio.get_running_loop()
     started_loop, started_wall = loop.time(), time.monotonic()
-    tokens = [token async for token in gen]
+    tokens = [token async for batch in gen for token in batch]
     assert tokens == ["a", "b", "c"]
     # ttft + 2 gaps = 0.09 s; only a lower bound (a busy machine may be slower).
     assert loop.time() - started_loop >= 0.09 - 0.002
@@ -451,10 +475,10 @@ async def test_aclose_stops_iteration() -> None:
     first = [await gen.__anext__(), await gen.__anext__()]
     assert all(first)
     await gen.aclose()
-    assert [token async for token in gen] == []
+    assert [batch async for batch in gen] == []
     with pytest.raises(StopAsyncIteration):
         await gen.__anext__()
-    assert gen.completion_tokens == 2
+    assert gen.completion_tokens == sum(map(len, first))
 
 
 @pytest.mark.anyio
@@ -465,7 +489,7 @@ async def test_aclose_does_not_report_a_normal_finish() -> None:
     await gen.__anext__()
     await gen.__anext__()
     await gen.aclose()
-    assert [token async for token in gen] == []
+    assert [batch async for batch in gen] == []
     assert gen.finish_reason is None
 
 
@@ -477,8 +501,8 @@ async def test_engine_aclose() -> None:
 
 
 async def _collect(generation: Any, name: str, order: list[str]) -> None:
-    async for _ in generation:
-        order.append(name)
+    async for batch in generation:
+        order += [name] * len(batch)
         await asyncio.sleep(0)
 
 
@@ -515,25 +539,51 @@ async def test_aclose_gives_the_slot_back() -> None:
     assert order == ["second"] * 5
 
 
-def test_generation_reads_its_tokens_only_as_far_as_it_releases_them() -> None:
-    pulled: list[str] = []
+def test_generation_reads_its_parts_only_as_far_as_it_releases_them() -> None:
+    pulled: list[int] = []
 
-    def tokens() -> Iterator[str]:
-        for token in ["a", "b", "c", "d", "e"]:
-            pulled.append(token)
-            yield token
+    def parts() -> Iterator[list[str]]:
+        for i, part in enumerate([["a", "b"], ["c"], ["d", "e"]]):
+            pulled.append(i)
+            yield part
 
-    gen = SimulatedGeneration(tokens(), prompt_tokens=1, timing=UNPACED, rng=random.Random(0))
-    assert [step(gen.__anext__()), step(gen.__anext__())] == ["a", "b"]
-    assert pulled == ["a", "b"]  # nothing composed ahead of what was sent
+    gen = SimulatedGeneration(parts(), prompt_tokens=1, timing=UNPACED, rng=random.Random(0))
+    assert [step(gen.__anext__()), step(gen.__anext__())] == [["a", "b"], ["c"]]  # a part a step
+    assert pulled == [0, 1]  # nothing composed ahead of what was sent
+
+
+def test_a_late_loop_releases_the_tokens_already_due_in_one_step(fake_loop: FakeLoop) -> None:
+    fake_loop.late = 0.05  # each sleep overshoots by 2.5 intervals
+    timing = TimingModel(ttft=0.1, prefill_per_token=0.0, token_interval=0.02, jitter=0.0)
+    gen = SimulatedGeneration([list("abcdefgh")], prompt_tokens=0, timing=timing, rng=random.Random())
+    batches = []
+    while True:
+        try:
+            batches.append(step(gen.__anext__()))
+        except StopAsyncIteration:
+            break
+    assert "".join("".join(b) for b in batches) == "abcdefgh"
+    assert max(len(b) for b in batches) > 1
+    assert len(batches) == len(fake_loop.sleeps)  # one wait per step, none per token
 
 
 @pytest.mark.parametrize(("available", "reason"), [(5, "length"), (3, "stop"), (2, "stop")])
 def test_max_tokens_cuts_the_reply_and_says_whether_it_was_cut(available: int, reason: str) -> None:
     gen = SimulatedGeneration(
-        iter("abcde"[:available]), prompt_tokens=1, timing=UNPACED, rng=random.Random(0),
+        [list("abcde"[:available])], prompt_tokens=1, timing=UNPACED, rng=random.Random(0),
         max_tokens=3,
     )  # fmt: skip
     assert drain(gen) == list("abcde"[: min(available, 3)])
     assert gen.finish_reason == reason
     assert gen.completion_tokens == min(available, 3)
+
+
+@given(st.text(max_size=80))
+def test_pre_tokenized_sentences_equal_tokenizing_the_formatted_sentence(text: str) -> None:
+    """The simulated engine tokenizes each sentence template once, around its ``{topic}``;
+    for any topic a message can yield, that is exactly the formatted sentence's tokens."""
+    topic = engine_module._topic(text)
+    for template, (before, after) in zip(
+        engine_module._SENTENCES, engine_module._SENTENCE_TOKENS, strict=True
+    ):
+        assert [*before, *tokenize(" " + topic), *after] == tokenize(" " + template.format(topic=topic))

@@ -4,7 +4,6 @@ calling it. tests/test_shutdown.py has the drain's basic cases; these are the ed
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import threading
 import time
@@ -13,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import Serve
+from wire import parse_events
 
 from chatsse.models import Message
 from chatsse.processes import UvicornServer
@@ -52,15 +52,6 @@ def _read(url: str, body: dict[str, Any], out: dict[str, Any]) -> None:
         out["raw"] = b"".join(response.iter_bytes())
 
 
-def _events(raw: bytes) -> list[tuple[str, dict[str, Any]]]:
-    events = []
-    for block in raw.decode().split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in block.splitlines() if line and not line.startswith(":"))
-        if "event" in fields:
-            events.append((fields["event"], json.loads(fields["data"])))
-    return events
-
-
 def test_a_stream_still_beginning_its_turn_when_the_grace_period_ends_gets_its_shutdown_event(
     serve: Serve,
 ) -> None:
@@ -74,7 +65,7 @@ def test_a_stream_still_beginning_its_turn_when_the_grace_period_ends_gets_its_s
     server.drain()  # the grace period (0.2 s) ends while the turn is still beginning (1 s)
     reader.join(10)
     assert out["status"] == 200
-    events = _events(out["raw"])
+    events = parse_events(out["raw"])
     assert [name for name, _ in events] == ["connected", "error"]
     assert events[-1][1]["type"] == "shutdown"
     conversation_id = events[0][1]["conversation_id"]
@@ -121,7 +112,7 @@ def test_chatsse_serve_drains_on_sigterm() -> None:
     finally:
         server.close()
     for out in outs:
-        events = _events(out["raw"])
+        events = parse_events(out["raw"])
         assert events[0][0] == "connected"
         assert events[-1] == ("error", {**events[-1][1], "type": "shutdown"})
     assert 0.5 <= took < 10
@@ -173,7 +164,6 @@ async def test_a_keepalive_that_fails_on_an_open_stream_is_logged_not_swallowed(
     lifecycle = Lifecycle(
         derive(Settings(_env_file=None)),  # type: ignore[call-arg]
         max_streams=1,
-        busy_retry_after=1,
         gauge=gauge,
     )
     slot = lifecycle.admit()

@@ -5,7 +5,6 @@ checkout."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support import chat, wait_for
+from support import chat, require_binary, wait_for
 
 from chatsse.processes import free_port
 
@@ -24,15 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _uv() -> str:
     """The uv that ``make`` installs (``.tools/bin/uv``), or one on PATH."""
     found = ROOT / ".tools" / "bin" / "uv"
-    if found.exists():
-        return str(found)
-    on_path = shutil.which("uv")
-    if on_path is None:
-        reason = "uv not found (make installs it in .tools/)"
-        if os.environ.get("CHATSSE_REQUIRE_BINARIES") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return on_path
+    return str(found) if found.exists() else require_binary("uv", "make installs it in .tools/")
 
 
 @dataclass(frozen=True)

@@ -3,13 +3,13 @@ server's shutdown never ends another server's streams."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 
 import httpx
 from conftest import Serve
 from support import chat
+from wire import parse_events
 
 SLOW = {
     "sim_ttft_ms": 0,
@@ -29,15 +29,6 @@ def _read_stream(url: str, body: dict[str, object], out: dict[str, object]) -> N
     out["ended"] = time.monotonic()
 
 
-def _events(raw: bytes) -> list[tuple[str, dict[str, object]]]:
-    events = []
-    for block in raw.decode().split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in block.splitlines() if line and not line.startswith(":"))
-        if "event" in fields:
-            events.append((fields["event"], json.loads(fields["data"])))
-    return events
-
-
 def test_stop_ends_open_streams_with_a_shutdown_event_after_the_grace_period(serve: Serve) -> None:
     server = serve(shutdown_grace_period=0.5, **SLOW)
     results: list[dict[str, object]] = [{} for _ in range(3)]
@@ -53,7 +44,7 @@ def test_stop_ends_open_streams_with_a_shutdown_event_after_the_grace_period(ser
     for t in threads:
         t.join(10)
     for result in results:
-        events = _events(result["raw"])  # type: ignore[arg-type]
+        events = parse_events(result["raw"])  # type: ignore[arg-type]
         assert events[0][0] == "connected"
         assert events[-1][0] == "error"
         assert events[-1][1]["type"] == "shutdown"
@@ -80,7 +71,7 @@ def test_a_stream_that_finishes_within_the_grace_period_completes(serve: Serve) 
     time.sleep(0.2)
     server.stop()
     thread.join(10)
-    events = _events(result["raw"])  # type: ignore[arg-type]
+    events = parse_events(result["raw"])  # type: ignore[arg-type]
     assert events[-1][0] == "completed"
 
 
@@ -103,7 +94,7 @@ def test_a_server_started_after_another_stopped_streams_normally(serve: Serve) -
     time.sleep(0.3)
     first.stop()
     thread.join(10)
-    assert _events(result["raw"])[-1][1]["type"] == "shutdown"  # type: ignore[arg-type]
+    assert parse_events(result["raw"])[-1][1]["type"] == "shutdown"  # type: ignore[arg-type]
 
     second = serve(sim_ttft_ms=0, sim_token_interval_ms=30, sim_reply_tokens_min=30, sim_reply_tokens_max=30)
     with httpx.Client(base_url=second.url) as client:
@@ -130,7 +121,7 @@ def test_draining_one_server_leaves_another_in_the_same_process_streaming(serve:
     first.drain()
     for t in threads:
         t.join(10)
-    assert _events(results[0]["raw"])[-1][1]["type"] == "shutdown"  # type: ignore[arg-type]
-    second_events = _events(results[1]["raw"])  # type: ignore[arg-type]
+    assert parse_events(results[0]["raw"])[-1][1]["type"] == "shutdown"  # type: ignore[arg-type]
+    second_events = parse_events(results[1]["raw"])  # type: ignore[arg-type]
     assert second_events[-1][0] == "completed"
     assert sum(1 for name, _ in second_events if name == "message") == 40

@@ -91,9 +91,9 @@ class _NotText:
     def __aiter__(self) -> _NotText:
         return self
 
-    async def __anext__(self) -> Any:
+    async def __anext__(self) -> list[Any]:
         self.completion_tokens += 1
-        return " fine" if self.completion_tokens == 1 else 12345
+        return [" fine"] if self.completion_tokens == 1 else [12345]
 
     async def aclose(self) -> None:
         return None
