@@ -166,7 +166,14 @@ class Slot:
             self.stop(reason)
 
     def _listen(self) -> None:
-        self._waiter = waiter = asyncio.ensure_future(self._receive(), loop=self._lifecycle.loop)  # type: ignore[misc]
+        waiting = self._receive()  # type: ignore[misc]
+        loop = self._lifecycle.loop
+        # uvicorn's receive is a coroutine: a task of its own, without ensure_future's checks.
+        self._waiter = waiter = (
+            loop.create_task(waiting)
+            if asyncio.iscoroutine(waiting)
+            else asyncio.ensure_future(waiting, loop=loop)
+        )
         waiter.add_done_callback(self._received)
 
     def _received(self, waiter: asyncio.Future[Message]) -> None:
@@ -318,6 +325,9 @@ class Lifecycle:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        # Stopped: the app may be served again, by another server and event loop.
+        self._ticker = self._drainer = self._loop = None
+        self.draining = False
 
 
 def lifecycle_of(app: Any) -> Lifecycle | None:

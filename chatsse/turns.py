@@ -66,6 +66,12 @@ class ReplyFormat(Protocol):
 class TurnStream:
     """The producer of one turn's event stream (see the module docstring)."""
 
+    __slots__ = (
+        "_closed", "_generated", "_stored", "arrived", "engine", "final_event", "first_token_at", "format",
+        "generation", "lifecycle", "log_fields", "manager", "max_tokens", "metrics", "opened", "outcome",
+        "parts", "slot", "turn",
+    )  # fmt: skip
+
     def __init__(
         self,
         *,
@@ -155,7 +161,7 @@ class TurnStream:
             return None
         message = self._stop_message(reason)
         if stored is not None:
-            message += f"; the partial reply was not stored ({stored[1]})"
+            message += f"; {stored[1]}"
         # Stopped before it began (a drain reached it still in begin_turn): it opens all the same.
         opening = b"" if self.opened else self.format.opening()
         self.opened = True
@@ -213,7 +219,7 @@ class TurnStream:
         failed = await self._store(ending.finish_reason or "error")
         self.outcome = outcome
         if failed is not None:
-            message += f"; the partial reply was not stored ({failed[1]})"
+            message += f"; {failed[1]}"
         return self._error(ending.error_type or outcome, message)
 
     async def _store(
