@@ -54,7 +54,6 @@ class ChatsseApp(FastAPI):
     """
 
     lifecycle: Lifecycle
-    chatsse: AppState
 
     def add_direct_route(self, method: str, path: str, endpoint: ASGIApp) -> None:
         """Serve ``method path`` (exactly) with ``endpoint``, which answers its own errors."""
@@ -121,7 +120,6 @@ def create_app(
 
     app = ChatsseApp(title="chatsse", version=__version__, debug=settings.debug, lifespan=lifespan)
     app.lifecycle = lifecycle
-    app.chatsse = state
     _add_error_handlers(app)
     add_chat_route(app, state)
     add_routes(app, state)
