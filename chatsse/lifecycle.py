@@ -36,7 +36,7 @@ from chatsse.errors import ServerBusy, ShuttingDown
 from chatsse.logs import get_logger
 from chatsse.protocol import Outcome
 
-__all__ = ["FIRST_TOKEN", "NEXT_TOKEN", "STORING", "WRITING", "Lifecycle", "Slot"]
+__all__ = ["FIRST_TOKEN", "NEXT_TOKEN", "STORING", "WRITING", "Lifecycle", "Slot", "lifecycle_of"]
 
 log = get_logger("chatsse.lifecycle")
 

@@ -34,6 +34,7 @@ from chatsse.loadtargets import ChatsseTarget, OpenAITarget, Target, TargetError
 __all__ = [
     "ProgressLine",
     "add_load_command",
+    "build_parser",
     "configure_parser",
     "format_summary",
     "format_sweep",

@@ -33,6 +33,7 @@ __all__ = [
     "ServerProcess",
     "ServerProcessError",
     "UvicornServer",
+    "child_pids",
     "free_port",
 ]
 

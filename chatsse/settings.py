@@ -134,7 +134,7 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        raise SettingsError(describe_errors(exc)) from None
+        raise SettingsError(_describe_errors(exc)) from None
 
 
 def _refuse_renamed(env_file: Path) -> None:
@@ -148,7 +148,7 @@ def _refuse_renamed(env_file: Path) -> None:
             raise SettingsError(f"invalid settings:\n  {env_name(old)} was renamed: set {env_name(new)}")
 
 
-def describe_errors(exc: ValidationError) -> str:
+def _describe_errors(exc: ValidationError) -> str:
     """One line per bad setting, naming its environment variable."""
     lines = ["invalid settings:"]
     for error in exc.errors():

@@ -36,7 +36,7 @@ from chatsse.errors import (
 )
 from chatsse.models import ConversationInfo, Message
 
-__all__ = ["ConversationStore", "StoreLimits", "lost_reply"]
+__all__ = ["ConversationStore", "StoreLimits"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,39 +106,39 @@ class ConversationStore(Protocol):
     async def close(self) -> None: ...
 
 
-def lost_reply_id(token: str) -> str:
+def _lost_reply_id(token: str) -> str:
     """The id of the ``lost`` reply stored for the turn ``token`` (each store makes the same)."""
     return f"lost_{token}"
 
 
-def lost_reply(token: str, now: float) -> Message:
-    return Message(lost_reply_id(token), "assistant", "", now, "lost")
+def _lost_reply(token: str, now: float) -> Message:
+    return Message(_lost_reply_id(token), "assistant", "", now, "lost")
 
 
-def not_found(conversation_id: str) -> ConversationNotFound:
+def _not_found(conversation_id: str) -> ConversationNotFound:
     return ConversationNotFound(f"no conversation {conversation_id}")
 
 
-def busy(conversation_id: str) -> ConversationBusy:
+def _busy(conversation_id: str) -> ConversationBusy:
     return ConversationBusy(f"conversation {conversation_id} has a turn in progress")
 
 
-def full(max_messages: int) -> ConversationFull:
+def _full(max_messages: int) -> ConversationFull:
     return ConversationFull(f"conversation holds the maximum of {max_messages} messages")
 
 
-def limit_reached(max_conversations: int) -> ConversationLimitReached:
+def _limit_reached(max_conversations: int) -> ConversationLimitReached:
     return ConversationLimitReached(f"all {max_conversations} conversations have a turn in progress")
 
 
-def turn_lost(conversation_id: str) -> TurnLost:
+def _turn_lost(conversation_id: str) -> TurnLost:
     return TurnLost(
         f"the turn lost conversation {conversation_id}: its lock expired and another turn "
         "or a deletion took the conversation over"
     )
 
 
-def room_needed(orphaned: bool) -> int:
+def _room_needed(orphaned: bool) -> int:
     """Messages a turn must find room for: its user message, its reply, and a ``lost`` reply
     for an earlier turn that never stored one."""
     return 3 if orphaned else 2

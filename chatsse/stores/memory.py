@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 from chatsse.models import ConversationInfo, Message
 from chatsse.stores.base import (
     StoreLimits,
-    busy,
-    full,
-    limit_reached,
-    lost_reply,
-    not_found,
-    room_needed,
-    turn_lost,
+    _busy,
+    _full,
+    _limit_reached,
+    _lost_reply,
+    _not_found,
+    _room_needed,
+    _turn_lost,
 )
 
 __all__ = ["MemoryStore"]
@@ -87,7 +87,7 @@ class MemoryStore:
         if len(items) >= self.limits.max_conversations:
             victim = next((c for c in items.values() if not c.locked(now)), None)
             if victim is None:
-                raise limit_reached(self.limits.max_conversations)
+                raise _limit_reached(self.limits.max_conversations)
             del items[victim.id]
             self.evicted += 1
         conv = items[conversation_id] = _Conversation(conversation_id, now, now)
@@ -103,19 +103,19 @@ class MemoryStore:
         if new:
             if conv is not None:
                 raise ValueError(f"conversation {conversation_id} exists")
-            if room_needed(False) > max_messages:
-                raise full(max_messages)
+            if _room_needed(False) > max_messages:
+                raise _full(max_messages)
             conv = self._add(conversation_id, now)
         elif conv is None:
-            raise not_found(conversation_id)
+            raise _not_found(conversation_id)
         elif conv.locked(now):
-            raise busy(conversation_id)
+            raise _busy(conversation_id)
         else:
             orphaned = conv.turn
-            if len(conv.messages) + room_needed(orphaned is not None) > max_messages:
-                raise full(max_messages)
+            if len(conv.messages) + _room_needed(orphaned is not None) > max_messages:
+                raise _full(max_messages)
             if orphaned is not None:
-                conv.messages.append(lost_reply(orphaned, now))
+                conv.messages.append(_lost_reply(orphaned, now))
         conv.messages.append(user)
         conv.turn, conv.lock_expires_at = token, now + self.limits.lock_ttl
         self._touch(conv, now)
@@ -126,7 +126,7 @@ class MemoryStore:
         if conv is None or conv.turn != token:
             if conv is not None and conv.messages and conv.messages[-1].id == reply.id:
                 return  # a retried call: the reply is stored
-            raise turn_lost(conversation_id)
+            raise _turn_lost(conversation_id)
         conv.messages.append(reply)
         conv.turn = None
         self._touch(conv, now)
@@ -154,7 +154,7 @@ class MemoryStore:
     async def messages(self, conversation_id: str, last: int | None = None) -> list[Message]:
         conv, _ = self._live(conversation_id)
         if conv is None:
-            raise not_found(conversation_id)
+            raise _not_found(conversation_id)
         if last is None:
             return list(conv.messages)
         return conv.messages[-last:] if last > 0 else []
@@ -164,7 +164,7 @@ class MemoryStore:
         if conv is None:
             return False
         if conv.locked(now):
-            raise busy(conversation_id)
+            raise _busy(conversation_id)
         del self._items[conversation_id]
         return True
 

@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 
 from chatsse.errors import StorageUnavailable
 from chatsse.models import ConversationInfo, Message
-from chatsse.stores.base import StoreLimits, busy, full, limit_reached, not_found, turn_lost
+from chatsse.stores.base import StoreLimits, _busy, _full, _limit_reached, _not_found, _turn_lost
 
 __all__ = ["RedisStore"]
 
@@ -296,10 +296,10 @@ class RedisStore:
             if error == "exists":
                 raise ValueError(f"conversation {conversation_id} exists")
             raise {
-                "limit": limit_reached(max_conversations),
-                "not_found": not_found(conversation_id),
-                "busy": busy(conversation_id),
-                "full": full(max_messages),
+                "limit": _limit_reached(max_conversations),
+                "not_found": _not_found(conversation_id),
+                "busy": _busy(conversation_id),
+                "full": _full(max_messages),
             }[error]
         self.evicted += code
         return [_message_from_json(text) for text in result[1]]
@@ -309,7 +309,7 @@ class RedisStore:
             self._finish_turn, conversation_id, conversation_id, token, _message_json(reply), reply.id
         )
         if not stored:
-            raise turn_lost(conversation_id)
+            raise _turn_lost(conversation_id)
 
     async def cancel_turn(self, conversation_id: str, *, token: str, user_message_id: str, new: bool) -> bool:
         undone = await self._call(
@@ -325,7 +325,7 @@ class RedisStore:
         if result == -2:
             raise ValueError(f"conversation {conversation_id} exists")
         if result == -1:
-            raise limit_reached(self.limits.max_conversations)
+            raise _limit_reached(self.limits.max_conversations)
         self.evicted += result
         return ConversationInfo(conversation_id, now, now, 0)
 
@@ -345,13 +345,13 @@ class RedisStore:
             start, stop = 1, 0  # an empty range, after the existence check
         result = await self._call(self._messages, conversation_id, start, stop)
         if result[0] == 0:
-            raise not_found(conversation_id)
+            raise _not_found(conversation_id)
         return [_message_from_json(text) for text in result[1]]
 
     async def delete(self, conversation_id: str) -> bool:
         result = await self._call(self._delete, conversation_id, conversation_id)
         if result == -1:
-            raise busy(conversation_id)
+            raise _busy(conversation_id)
         return bool(result == 1)
 
     async def list(self, limit: int) -> list[ConversationInfo]:

@@ -17,13 +17,13 @@ from chatsse.errors import StorageUnavailable
 from chatsse.models import ConversationInfo, Message
 from chatsse.stores.base import (
     StoreLimits,
-    busy,
-    full,
-    limit_reached,
-    lost_reply,
-    not_found,
-    room_needed,
-    turn_lost,
+    _busy,
+    _full,
+    _limit_reached,
+    _lost_reply,
+    _not_found,
+    _room_needed,
+    _turn_lost,
 )
 
 __all__ = ["SQLiteStore"]
@@ -218,7 +218,7 @@ class SQLiteStore:
                 f"SELECT id FROM conversations WHERE {_UNLOCKED} ORDER BY updated_at, id LIMIT 1", times
             ).fetchone()
             if victim is None:
-                raise limit_reached(self.limits.max_conversations)
+                raise _limit_reached(self.limits.max_conversations)
             conn.execute("DELETE FROM conversations WHERE id = ?", victim)
             evicted = True
         now = times["now"]
@@ -247,20 +247,20 @@ class SQLiteStore:
                 if row is not None and row[1] == token:  # a retried call: the turn has begun
                     return False, _last_messages(conn, conversation_id, row[0], history)
                 if new:
-                    if room_needed(False) > max_messages:
-                        raise full(max_messages)
+                    if _room_needed(False) > max_messages:
+                        raise _full(max_messages)
                     evicted = self._insert(conn, conversation_id, times, token)
                     count = 0
                 else:
                     if row is None:
-                        raise not_found(conversation_id)
+                        raise _not_found(conversation_id)
                     count, orphaned, expires_at = row
                     if orphaned is not None and expires_at > now:
-                        raise busy(conversation_id)
-                    if count + room_needed(orphaned is not None) > max_messages:
-                        raise full(max_messages)
+                        raise _busy(conversation_id)
+                    if count + _room_needed(orphaned is not None) > max_messages:
+                        raise _full(max_messages)
                     if orphaned is not None:
-                        _append(conn, conversation_id, count, lost_reply(orphaned, now))
+                        _append(conn, conversation_id, count, _lost_reply(orphaned, now))
                         count += 1
                 _append(conn, conversation_id, count, user)
                 conn.execute(
@@ -285,7 +285,7 @@ class SQLiteStore:
                 if row is None or row[1] != token:
                     if row is not None and _last_id(conn, conversation_id, row[0]) == reply.id:
                         return  # a retried call: the reply is stored
-                    raise turn_lost(conversation_id)
+                    raise _turn_lost(conversation_id)
                 (count, _) = row
                 _append(conn, conversation_id, count, reply)
                 conn.execute(
@@ -361,7 +361,7 @@ class SQLiteStore:
                     {**times, "id": conversation_id},
                 ).fetchone()
                 if row is None:
-                    raise not_found(conversation_id)
+                    raise _not_found(conversation_id)
                 if last is not None and last <= 0:
                     return []
                 return _last_messages(conn, conversation_id, row[0], row[0] if last is None else last)
@@ -380,7 +380,7 @@ class SQLiteStore:
                 if row is None:
                     return False
                 if not row[0]:
-                    raise busy(conversation_id)
+                    raise _busy(conversation_id)
                 conn.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
             return True
 

@@ -39,10 +39,10 @@ class StoreURL:
         return self.kind != "memory"
 
     def redacted(self) -> str:
-        return redact(self.url)
+        return _redact(self.url)
 
 
-def redact(url: str) -> str:
+def _redact(url: str) -> str:
     """The URL without its password, fit for an error message or a log line."""
     try:
         password = urlsplit(url).password
@@ -59,4 +59,4 @@ def parse_store_url(url: str) -> StoreURL:
         return StoreURL("sqlite", url)
     if url.startswith(("redis://", "rediss://")):
         return StoreURL("redis", url)
-    raise ValueError(f"expected {STORE_FORMS} (got {redact(url)!r})")
+    raise ValueError(f"expected {STORE_FORMS} (got {_redact(url)!r})")
