@@ -88,6 +88,15 @@ def redis() -> Iterator[RedisServer]:
             os.kill(server.process.pid, signal.SIGCONT)
 
 
+def _after_the_first_token(response: httpx.Response) -> Iterator[str]:
+    """The stream's lines, read up to its first message event: the rest of them, still to come."""
+    lines = response.iter_lines()
+    for line in lines:
+        if line.startswith("event: message"):
+            break
+    return lines
+
+
 def _last_data(lines: list[str]) -> dict[str, Any]:
     data: dict[str, Any] = json.loads([line for line in lines if line.startswith("data: ")][-1][6:])
     return data
@@ -141,10 +150,7 @@ def test_a_redis_paused_mid_stream_ends_it_with_storage_error_and_stores_the_rep
     server = serve(store=redis.url, store_timeout=STORE_TIMEOUT, **SLOW)
     with httpx.Client(base_url=server.url, timeout=10) as client:
         with client.stream("POST", "/chat", json={"message": "a reply to store"}) as response:
-            lines = response.iter_lines()
-            for line in lines:
-                if line.startswith("event: message"):
-                    break
+            lines = _after_the_first_token(response)
             os.kill(redis.process.pid, signal.SIGSTOP)
             paused = time.monotonic()
             try:
@@ -235,10 +241,7 @@ def test_a_sqlite_file_locked_mid_stream_ends_it_with_storage_error(serve: Serve
     server = serve(store=f"sqlite:///{path}", store_timeout=STORE_TIMEOUT, **SLOW)
     with httpx.Client(base_url=server.url, timeout=10) as client:
         with client.stream("POST", "/chat", json={"message": "to store"}) as response:
-            lines = response.iter_lines()
-            for line in lines:
-                if line.startswith("event: message"):
-                    break
+            lines = _after_the_first_token(response)
             locker = Locker(path)
             try:
                 rest = list(lines)
