@@ -2,8 +2,8 @@
 
 The flow of one ``POST /chat`` (README, "Protocol")::
 
-    ChatEndpoint: read and validate the body, size check -> Lifecycle.admit (a slot)
-        -> ConversationManager.begin_turn
+    ChatEndpoint: read and validate the body, size check -> open_turn (chatsse/turns.py):
+        Lifecycle.admit (a slot) -> ConversationManager.begin_turn -> the engine's start
     EventStreamResponse (chatsse/sse.py), the body in a task of its own:
         TurnStream.run (chatsse/turns.py) with ChatEvents: connected -> message* -> store
         reply -> completed; or stopped (client gone, a deadline, the drain) -> store the
@@ -17,27 +17,25 @@ reason of how it ended (chatsse.protocol.ENDINGS).
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from functools import partial
+from typing import TYPE_CHECKING, Any, Final
 
 from fastapi import Request
 from pydantic import ValidationError
-from starlette.exceptions import HTTPException
 from starlette.responses import Response
-from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import Scope
 
 from chatsse import protocol
 from chatsse.conversations import Turn
-from chatsse.errors import ApiError, MessageTooLarge
-from chatsse.logs import get_logger
-from chatsse.middleware import SCOPE_ARRIVED, SCOPE_LOG_FIELDS
+from chatsse.endpoints import DirectEndpoint
+from chatsse.engine import DEFAULT_OPTIONS
+from chatsse.errors import MessageTooLarge
 from chatsse.models import ChatRequest, ErrorBody
-from chatsse.responses import api_error, invalid_request, json_error
-from chatsse.sse import EventStreamResponse, dumps, encode_event
+from chatsse.responses import invalid_request, json_error
+from chatsse.sse import dumps, encode_event
 from chatsse.state import AppState
-from chatsse.turns import TurnResult, TurnStream
+from chatsse.turns import Begun, StoredReply, TurnResult, open_turn
 
 if TYPE_CHECKING:
     from chatsse.app import ChatsseApp
@@ -58,6 +56,7 @@ class ChatEvents:
     """
 
     __slots__ = ("_model", "_prefix", "_retry_ms", "_turn", "seq")
+    status = 200
 
     def __init__(self, turn: Turn, *, model: str, retry_ms: int) -> None:
         self._turn = turn
@@ -117,93 +116,55 @@ _CHAT_RESPONSES: dict[int | str, dict[str, object]] = {
 }
 
 
-class _Disconnected(Exception):
-    """The client went away before its request body arrived."""
+class ChatEndpoint(DirectEndpoint):
+    """``POST /chat`` (chatsse/endpoints.py): a turn of a stored conversation."""
 
+    path = "/chat"
 
-async def _read_body(receive: Receive) -> bytes:
-    chunks = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _Disconnected
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(chunks)
+    async def handle(self, body: bytes, scope: Scope) -> Response:
+        return await self.start(ChatRequest.model_validate_json(body), scope)
 
+    def error(self, status: int, error_type: str, message: str, **extra: Any) -> Response:
+        return json_error(status, error_type, message, **extra)
 
-class ChatEndpoint:
-    """``POST /chat`` as a plain ASGI app.
-
-    ``ChatsseApp`` calls it inside the app's own middleware (request context, CORS) but ahead
-    of FastAPI's routing, exception and exit-stack layers: the request is read, validated
-    with pydantic and answered here, errors included (the same JSON bodies as every other
-    route). ``make bench`` measures what that saves per turn. The route is also declared on
-    the FastAPI app (the same :meth:`start`), which documents it in the OpenAPI schema.
-    """
-
-    def __init__(self, state: AppState) -> None:
-        self.state = state
-        self.route = Route("/chat", self, methods=["POST"])  # the route metrics label requests by
-        self._log = get_logger("chatsse.chat")
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        scope["route"] = self.route
-        response: Response
-        try:
-            body = ChatRequest.model_validate_json(await _read_body(receive))
-            response = await self.start(body, scope)
-        except _Disconnected:
-            return
-        except ValidationError as exc:
-            response = invalid_request(
-                [{**error, "loc": ("body", *error["loc"])} for error in exc.errors(include_url=False)]
-            )
-        except ApiError as exc:
-            response = api_error(exc)
-        except HTTPException as exc:  # the body was over the size limit (RequestContextMiddleware)
-            response = json_error(exc.status_code, "request_too_large", str(exc.detail))
-        except Exception as exc:
-            self._log.error("chat_failed", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
-            response = json_error(500, "internal_error", "the server failed to start the turn")
-        await response(scope, receive, send)
+    def invalid(self, exc: ValidationError) -> Response:
+        return invalid_request(
+            [{**error, "loc": ("body", *error["loc"])} for error in exc.errors(include_url=False)]
+        )
 
     async def start(self, body: ChatRequest, scope: Scope) -> Response:
         """Admit the stream and begin the turn; the response that streams it."""
         state = self.state
-        settings, lifecycle, manager = state.settings, state.lifecycle, state.manager
-        try:
-            size = len(body.message.encode())
-            if size > settings.max_message_size:
-                raise MessageTooLarge(f"message is {size} bytes; the limit is {settings.max_message_size}")
-            slot = lifecycle.admit()
-            try:
-                turn = await manager.begin_turn(body.conversation_id, body.message)
-            except BaseException:
-                lifecycle.release(slot)
-                raise
-        except ApiError as exc:
-            state.metrics.reject(exc.type)
-            raise
-        stream = TurnStream(
-            turn=turn,
-            slot=slot,
-            lifecycle=lifecycle,
-            engine=state.engine,
-            manager=manager,
-            reply_format=ChatEvents(turn, model=state.engine.name, retry_ms=settings.sse_retry_ms),
-            metrics=state.metrics,
+        settings, manager = state.settings, state.manager
+        size = len(body.message.encode())
+        if size > settings.max_message_size:
+            state.metrics.reject(MessageTooLarge.type)
+            raise MessageTooLarge(f"message is {size} bytes; the limit is {settings.max_message_size}")
+        turn: Turn | None = None
+
+        async def begin() -> Begun:
+            nonlocal turn
+            turn = await manager.begin_turn(body.conversation_id, body.message)
+            return Begun(turn.prompt, StoredReply(manager, turn), partial(manager.abandon, turn))
+
+        def events(begun: Begun) -> ChatEvents:
+            assert turn is not None
+            return ChatEvents(turn, model=state.engine.name, retry_ms=settings.sse_retry_ms)
+
+        return await open_turn(
+            state,
+            scope,
+            begin=begin,
+            reply_format=events,
             max_tokens=min(body.max_tokens or settings.max_reply_tokens, settings.max_reply_tokens),
-            arrived=scope.get(SCOPE_ARRIVED, time.perf_counter()),
-            log_fields=scope.get(SCOPE_LOG_FIELDS, {}),
+            options=DEFAULT_OPTIONS,
         )
-        return EventStreamResponse(stream, slot)
 
 
 def add_chat_route(app: ChatsseApp, state: AppState) -> None:
     """``POST /chat``: the endpoint, and its declaration in the OpenAPI schema."""
     endpoint = ChatEndpoint(state)
-    app.add_direct_route("POST", endpoint.route.path, endpoint)
+    app.add_direct_route("POST", endpoint.path, endpoint)
 
     @app.post("/chat", responses=_CHAT_RESPONSES)
     async def chat(body: ChatRequest, request: Request) -> Response:

@@ -121,6 +121,16 @@ class ConversationManager:
         """Undo a begun turn that will not stream (its user message goes, the lock is released)."""
         await self._bounded(self._undo_begin(turn), "cancel the turn")
 
+    async def abandon(self, turn: Turn) -> None:
+        """Undo a begun turn that will not stream, never raising: if the store does not answer
+        now, the undo goes on in the background (as for a ``begin_turn`` whose answer was lost)."""
+        try:
+            await self.cancel_turn(turn)
+        except (StorageUnavailable, asyncio.CancelledError):
+            self._repair(self._undo(turn))
+        except Exception as exc:
+            log.warning("turn_not_undone", conversation_id=turn.conversation_id, error=repr(exc))
+
     def _store_reply(self, turn: Turn, reply: Message) -> Coroutine[None, None, None]:
         return self.store.finish_turn(turn.conversation_id, reply, token=turn.token)
 

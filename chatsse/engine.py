@@ -15,6 +15,11 @@ Token ``i`` is due at ``start + ttft + sum(gaps)``: deadlines are absolute, as o
 server whose decode loop runs at its own pace, so a late event loop catches up rather
 than drifting. All-zero timings produce tokens with no sleeping at all (for benchmarks).
 
+Options: a client's sampling options (:class:`GenerationOptions`) go to the engine, which
+uses what it supports: an upstream model all of them (chatsse/upstream.py); the simulated engine
+``seed`` (another seed, another reply) and ``stop``; ``temperature`` and ``top_p`` do not change
+a simulated reply.
+
 Capacity: with ``SIM_MAX_CONCURRENCY`` = N > 0, at most N replies are generated at once
 per engine (per worker process), like the batch slots of a GPU server; a further request
 waits for a slot before its prefill starts, so its time to first token includes the wait.
@@ -29,7 +34,7 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
-from typing import Literal, Protocol, runtime_checkable
+from typing import Final, Literal, Protocol, runtime_checkable
 
 from chatsse.models import Message
 from chatsse.settings import Settings
@@ -37,12 +42,15 @@ from chatsse.settings import Settings
 CompletionReason = Literal["stop", "length"]
 
 __all__ = [
+    "DEFAULT_OPTIONS",
     "CompletionReason",
     "Draws",
     "Engine",
     "Generation",
+    "GenerationOptions",
     "SimulatedEngine",
     "SimulatedGeneration",
+    "StopSequences",
     "TimingModel",
     "count_prompt_tokens",
     "tokenize",
@@ -100,17 +108,41 @@ class Draws:
         return a + (b - a) * (self.next64() >> 11) / (1 << 53)
 
 
+@dataclass(frozen=True, slots=True)
+class GenerationOptions:
+    """What a client asked of one reply besides its messages and length (module docstring)."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    user: str | None = None  # the end user, for an upstream's own accounting
+
+
+DEFAULT_OPTIONS: Final = GenerationOptions()
+
+
 @runtime_checkable
 class Generation(Protocol):
     """One reply being generated: an async iterator of batches of text deltas, each batch the
     deltas ready at that step (never empty).
 
-    ``finish_reason`` is set once iteration ends normally; token counts are live.
+    ``start`` runs before the response starts: an engine that must reach a model first does it
+    there, and raises :class:`~chatsse.errors.ApiError` if the model refuses (the client then
+    gets an HTTP error and the turn is undone). ``finish_reason`` is set once iteration ends
+    normally; token counts are live.
     """
 
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: CompletionReason | None
+    @property
+    def prompt_tokens(self) -> int: ...
+
+    @property
+    def completion_tokens(self) -> int: ...
+
+    @property
+    def finish_reason(self) -> CompletionReason | None: ...
+
+    async def start(self) -> None: ...
 
     def __aiter__(self) -> Generation: ...
 
@@ -124,7 +156,9 @@ class Engine(Protocol):
 
     name: str
 
-    def generate(self, messages: Sequence[Message], *, max_tokens: int) -> Generation: ...
+    def generate(
+        self, messages: Sequence[Message], *, max_tokens: int, options: GenerationOptions = DEFAULT_OPTIONS
+    ) -> Generation: ...
 
     async def aclose(self) -> None: ...
 
@@ -220,6 +254,9 @@ class SimulatedGeneration:
         self.completion_tokens = 0
         self.finish_reason: CompletionReason | None = None
 
+    async def start(self) -> None:
+        return None
+
     def __aiter__(self) -> SimulatedGeneration:
         return self
 
@@ -304,6 +341,80 @@ class SimulatedGeneration:
         if self._slot and self._slots is not None:
             self._slot = False
             self._slots.release()
+
+
+class StopSequences:
+    """A generation that ends at the first of ``stop`` in its text, which is not sent (OpenAI's
+    ``stop``), for engines that cannot stop by themselves. Text that could still be the start
+    of a stop sequence is held back until it cannot; other text goes out a token at a time."""
+
+    __slots__ = ("_done", "_held", "_inner", "_stop", "finish_reason")
+
+    def __init__(self, inner: Generation, stop: Sequence[str]) -> None:
+        self._inner = inner
+        self._stop = tuple(s for s in stop if s)
+        self._held = ""
+        self._done = False
+        self.finish_reason: CompletionReason | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self._inner.prompt_tokens
+
+    @property
+    def completion_tokens(self) -> int:
+        return self._inner.completion_tokens
+
+    async def start(self) -> None:
+        await self._inner.start()
+
+    def __aiter__(self) -> StopSequences:
+        return self
+
+    def _held_back(self, text: str) -> int:
+        """How many characters at the end of ``text`` begin some stop sequence."""
+        longest = 0
+        for stop in self._stop:
+            for n in range(min(len(stop) - 1, len(text)), longest, -1):
+                if text.endswith(stop[:n]):
+                    longest = n
+                    break
+        return longest
+
+    async def __anext__(self) -> list[str]:
+        while not self._done:
+            try:
+                batch = await self._inner.__anext__()
+            except StopAsyncIteration:
+                self._done = True
+                self.finish_reason = self._inner.finish_reason
+                if self._held:
+                    held, self._held = self._held, ""
+                    return [held]
+                raise
+            out: list[str] = []
+            for token in batch:
+                text = self._held + token
+                at = min((i for i in (text.find(s) for s in self._stop) if i >= 0), default=-1)
+                if at >= 0:
+                    if at:
+                        out.append(text[:at])
+                    self._held = ""
+                    self._done = True
+                    self.finish_reason = "stop"
+                    await self._inner.aclose()
+                    break
+                keep = self._held_back(text)
+                if len(text) > keep:
+                    out.append(text[: len(text) - keep])
+                self._held = text[len(text) - keep :]
+            if out:
+                return out
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        self._done = True
+        await self._inner.aclose()
 
 
 _OPENINGS = (
@@ -429,9 +540,9 @@ class SimulatedEngine:
         """The full reply text for a history (whose last user message it answers)."""
         return "".join(chain.from_iterable(self._reply_parts(messages, self._draws(messages))))
 
-    def _draws(self, messages: Sequence[Message]) -> Draws:
+    def _draws(self, messages: Sequence[Message], seed: int | None = None) -> Draws:
         history = "\x1e".join(f"{m.role}:{m.content}" for m in messages)
-        return Draws.from_text(f"{self.seed}\x1f{history}")
+        return Draws.from_text(f"{self.seed if seed is None else seed}\x1f{history}")
 
     def _reply_parts(self, messages: Sequence[Message], draws: Draws) -> Iterator[list[str]]:
         """The reply's tokens, a part (sentence) at a time. Every random choice is made here,
@@ -450,12 +561,14 @@ class SimulatedEngine:
         order = (draws.below(len(_SENTENCES)), _STEPS[draws.below(len(_STEPS))])
         return _parts(opening, follow_up, target, order, topic)
 
-    def generate(self, messages: Sequence[Message], *, max_tokens: int) -> SimulatedGeneration:
-        draws = self._draws(messages)
+    def generate(
+        self, messages: Sequence[Message], *, max_tokens: int, options: GenerationOptions = DEFAULT_OPTIONS
+    ) -> SimulatedGeneration | StopSequences:
+        draws = self._draws(messages, options.seed)
         parts = self._reply_parts(messages, draws)
         if self.max_concurrency and self._slots is None:
             self._slots = asyncio.Semaphore(self.max_concurrency)
-        return SimulatedGeneration(
+        generation = SimulatedGeneration(
             parts,
             prompt_tokens=count_prompt_tokens(messages),
             max_tokens=max_tokens,
@@ -463,6 +576,7 @@ class SimulatedEngine:
             rng=draws,
             slots=self._slots,
         )
+        return StopSequences(generation, options.stop) if options.stop else generation
 
     async def aclose(self) -> None:
         return None

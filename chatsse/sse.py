@@ -47,11 +47,19 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, Protocol
 
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from chatsse.lifecycle import Slot
 
-__all__ = ["BODY_SEND_SCOPE_KEY", "Emit", "EventStreamResponse", "Producer", "dumps", "encode_event"]
+__all__ = [
+    "BODY_SEND_SCOPE_KEY",
+    "CollectedResponse",
+    "Emit",
+    "EventStreamResponse",
+    "Producer",
+    "dumps",
+    "encode_event",
+]
 
 Emit = Callable[[bytes], Awaitable[None]]
 BODY_SEND_SCOPE_KEY: Final = "chatsse.body_send"
@@ -137,18 +145,65 @@ class EventStreamResponse(Response):
             await self.background()
 
     async def _write_body(self) -> None:
-        slot, producer = self.slot, self.producer
-        last: bytes | None = None
-        if slot.stop_reason is None:  # else the drain stopped it before it began
-            slot.task = asyncio.current_task(slot.loop)
-            try:
-                last = await producer.run(slot.emit)
-            except asyncio.CancelledError:
-                if not slot.uncancel():  # a cancel from elsewhere (a forced server shutdown)
-                    raise
-            finally:
-                slot.task = None
-        if last is None and slot.stop_reason is not None:
-            last = await producer.stopped(slot.stop_reason)
+        slot = self.slot
+        last = await _produce(slot, self.producer)
         if not slot.disconnected:
             await slot.finish(last)
+
+
+async def _produce(slot: Slot, producer: Producer) -> bytes | None:
+    """Run the producer in the slot; its last event (``run``'s, or ``stopped``'s if the slot
+    stopped it)."""
+    last: bytes | None = None
+    if slot.stop_reason is None:  # else the drain stopped it before it began
+        slot.task = asyncio.current_task(slot.loop)
+        try:
+            last = await producer.run(slot.emit)
+        except asyncio.CancelledError:
+            if not slot.uncancel():  # a cancel from elsewhere (a forced server shutdown)
+                raise
+        finally:
+            slot.task = None
+    if last is None and slot.stop_reason is not None:
+        last = await producer.stopped(slot.stop_reason)
+    return last
+
+
+async def _discard(message: Message) -> None:
+    return None
+
+
+class CollectedResponse(Response):
+    """A turn answered in one body once it ends (a non-streaming request): the producer runs
+    in its slot as for a stream, with every deadline and the disconnect watch, but its writes
+    go nowhere; its last event is the whole JSON body, and ``status()``, asked once it ends,
+    the response's status."""
+
+    media_type = "application/json"
+
+    def __init__(self, producer: Producer, slot: Slot, status: Callable[[], int]) -> None:
+        self.producer = producer
+        self.slot = slot
+        self.status = status
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        slot = self.slot
+        try:
+            slot.attach(_discard, receive)
+            try:
+                body = await slot.loop.create_task(_produce(slot, self.producer))
+            finally:
+                slot.closed = True
+                slot.detach()
+            if slot.disconnected:
+                return
+            status = self.status()
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body or b"")).encode()),
+            ]
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": body or b"", "more_body": False})
+        finally:
+            await self.producer.close()

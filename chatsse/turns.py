@@ -1,12 +1,16 @@
 """One turn streamed to one client, whatever the front: :class:`TurnStream`.
 
-The turn machinery every protocol shares. A front (``POST /chat`` today, chatsse/chat.py)
-admits a stream (chatsse/lifecycle.py), begins the turn (chatsse/conversations.py) and hands
-a :class:`TurnStream` its :class:`ReplyFormat`: the bytes of its opening, its per-token
-events, its last event and its error events. The stream does the rest the same way for every
-front: pulls tokens from the engine, marks what it waits on for the watchdog, stores the reply
-once however the stream ends, classifies the end (:data:`chatsse.protocol.ENDINGS`) and
-records one metrics update and one log line.
+The turn machinery every protocol shares. A front (``POST /chat``, chatsse/chat.py;
+``POST /v1/chat/completions`` and ``POST /v1/responses``, chatsse/openai/) parses its request
+and calls :func:`open_turn` with how to begin its turn and its :class:`ReplyFormat` (the bytes
+of its opening, its per-token events, its last event and its error events). ``open_turn``
+admits the stream (chatsse/lifecycle.py), begins the turn (for a stateful front, in the store:
+chatsse/conversations.py), starts the engine's generation (an upstream model may refuse it
+here, before the response starts) and returns the response. The :class:`TurnStream` does the
+rest the same way for every front: pulls tokens from the engine, marks what it waits on for
+the watchdog, stores the reply once however the stream ends (in its :class:`ReplySink`: the
+conversation, or nowhere for a stateless front), classifies the end
+(:data:`chatsse.protocol.ENDINGS`) and records one metrics update and one log line.
 
 How a stream can end, and who ends it::
 
@@ -20,19 +24,35 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from starlette.responses import Response
+from starlette.types import Scope
+
 from chatsse.conversations import ConversationManager, Turn
-from chatsse.engine import Engine, Generation
-from chatsse.errors import StorageUnavailable, TurnLost
+from chatsse.engine import Generation, GenerationOptions
+from chatsse.errors import ApiError, StorageUnavailable, TurnLost
 from chatsse.lifecycle import FIRST_TOKEN, NEXT_TOKEN, STORING, WRITING, Lifecycle, Slot
 from chatsse.logs import get_logger
 from chatsse.metrics import Metrics
+from chatsse.middleware import SCOPE_ARRIVED, SCOPE_LOG_FIELDS
+from chatsse.models import Message
 from chatsse.protocol import ENDINGS, FinishReason, Outcome
-from chatsse.sse import Emit
+from chatsse.sse import CollectedResponse, Emit, EventStreamResponse
+from chatsse.state import AppState
 
-__all__ = ["ReplyFormat", "TurnResult", "TurnStream"]
+__all__ = [
+    "Begun",
+    "ReplyFormat",
+    "ReplySink",
+    "StoredReply",
+    "TurnResult",
+    "TurnStream",
+    "Unstored",
+    "open_turn",
+]
 
 log = get_logger("chatsse.turns")
 
@@ -50,7 +70,10 @@ class TurnResult:
 
 
 class ReplyFormat(Protocol):
-    """How one front writes a turn: each method returns the bytes of one event (or several)."""
+    """How one front writes a turn: each method returns the bytes of one event (or several).
+    A buffered front's ``completed`` and ``error`` return the whole body, and set ``status``."""
+
+    status: int
 
     def opening(self) -> bytes: ...
 
@@ -63,41 +86,129 @@ class ReplyFormat(Protocol):
     def error(self, error_type: str, message: str) -> bytes: ...
 
 
+class ReplySink(Protocol):
+    """Where a turn's reply is stored, once, however the stream ends."""
+
+    conversation_id: str | None
+    repair_window: float  # how long a store that did not answer may still store it
+
+    async def store(self, content: str, finish_reason: FinishReason) -> None:
+        """Raises ``StorageUnavailable`` or ``TurnLost`` if the reply is not stored."""
+        ...
+
+
+class StoredReply:
+    """The reply goes into the turn's conversation (and ends the turn there)."""
+
+    __slots__ = ("conversation_id", "manager", "repair_window", "turn")
+
+    def __init__(self, manager: ConversationManager, turn: Turn) -> None:
+        self.manager = manager
+        self.turn = turn
+        self.conversation_id: str | None = turn.conversation_id
+        self.repair_window = manager.repair_window
+
+    async def store(self, content: str, finish_reason: FinishReason) -> None:
+        await self.manager.finish_turn(self.turn, content, finish_reason)
+
+
+class Unstored:
+    """A stateless front's reply: nothing is kept."""
+
+    __slots__ = ()
+    conversation_id: str | None = None
+    repair_window = 0.0
+
+    async def store(self, content: str, finish_reason: FinishReason) -> None:
+        return None
+
+
+@dataclass(slots=True)
+class Begun:
+    """A turn a front has begun: the engine's prompt, where its reply goes, and how to undo
+    the beginning if the turn cannot stream after all."""
+
+    prompt: list[Message]
+    reply: ReplySink
+    undo: Callable[[], Awaitable[None]] | None = None
+
+
+async def open_turn(
+    state: AppState,
+    scope: Scope,
+    *,
+    begin: Callable[[], Awaitable[Begun]],
+    reply_format: Callable[[Begun], ReplyFormat],
+    max_tokens: int,
+    options: GenerationOptions,
+    buffered: bool = False,
+) -> Response:
+    """Admit a stream, begin its turn, start the engine; the response that streams it (or,
+    ``buffered``, that answers it in one body when it ends). An ``ApiError`` on the way is
+    counted as a rejection and raised for the front to answer; what was begun is undone."""
+    lifecycle = state.lifecycle
+    try:
+        slot = lifecycle.admit()
+        try:
+            begun = await begin()
+            try:
+                generation = state.engine.generate(begun.prompt, max_tokens=max_tokens, options=options)
+                await generation.start()
+            except BaseException:
+                if begun.undo is not None:
+                    await begun.undo()
+                raise
+        except BaseException:
+            lifecycle.release(slot)
+            raise
+    except ApiError as exc:
+        state.metrics.reject(exc.type)
+        raise
+    writer = reply_format(begun)
+    stream = TurnStream(
+        generation=generation,
+        reply=begun.reply,
+        slot=slot,
+        lifecycle=lifecycle,
+        reply_format=writer,
+        metrics=state.metrics,
+        arrived=scope.get(SCOPE_ARRIVED, time.perf_counter()),
+        log_fields=scope.get(SCOPE_LOG_FIELDS, {}),
+    )
+    if buffered:
+        return CollectedResponse(stream, slot, lambda: writer.status)
+    return EventStreamResponse(stream, slot)
+
+
 class TurnStream:
     """The producer of one turn's event stream (see the module docstring)."""
 
     __slots__ = (
-        "_closed", "_generated", "_stored", "arrived", "engine", "final_event", "first_token_at", "format",
-        "generation", "lifecycle", "log_fields", "manager", "max_tokens", "metrics", "opened", "outcome",
-        "parts", "slot", "turn",
+        "_closed", "_generated", "_stored", "arrived", "final_event", "first_token_at", "format",
+        "generation", "lifecycle", "log_fields", "metrics", "opened", "outcome", "parts", "reply", "slot",
     )  # fmt: skip
 
     def __init__(
         self,
         *,
-        turn: Turn,
+        generation: Generation,
+        reply: ReplySink,
         slot: Slot,
         lifecycle: Lifecycle,
-        engine: Engine,
-        manager: ConversationManager,
         reply_format: ReplyFormat,
         metrics: Metrics,
-        max_tokens: int,
         arrived: float,
         log_fields: dict[str, Any],
     ) -> None:
-        self.turn = turn
+        self.generation = generation
+        self.reply = reply
         self.slot = slot
         self.lifecycle = lifecycle
-        self.engine = engine
-        self.manager = manager
         self.format = reply_format
         self.metrics = metrics
-        self.max_tokens = max_tokens
         self.arrived = arrived
         self.log_fields = log_fields
         self.parts: list[str] = []
-        self.generation: Generation | None = None
         self.first_token_at: float | None = None
         self.outcome: Outcome | None = None
         self.opened = False
@@ -121,10 +232,7 @@ class TurnStream:
         except Exception as exc:
             return await self._failed("internal_error", exc)
         self.opened = True
-        try:
-            generation = self.generation = self.engine.generate(self.turn.prompt, max_tokens=self.max_tokens)
-        except Exception as exc:
-            return await self._failed("engine_error", exc)
+        generation = self.generation
         next_batch, encode = generation.__anext__, self.format.delta
         send, append = slot.body_send, self.parts.append
         waiting = FIRST_TOKEN
@@ -194,7 +302,6 @@ class TurnStream:
             return self._error(failed[0], failed[1])
         self.outcome = finish_reason  # type: ignore[assignment]  # stop or length
         generation = self.generation
-        assert generation is not None
         first = self.first_token_at
         return self._last(
             self.format.completed(
@@ -231,12 +338,10 @@ class TurnStream:
         self._stored = True
         self.slot.phase = STORING
         try:
-            await self.manager.finish_turn(
-                self.turn, "".join(self.parts) if content is None else content, finish_reason
-            )
+            await self.reply.store("".join(self.parts) if content is None else content, finish_reason)
         except StorageUnavailable as exc:
             self.log_fields["store_error"] = exc.message
-            later = f"it will be if the store answers again within {self.manager.repair_window:g} s"
+            later = f"it will be if the store answers again within {self.reply.repair_window:g} s"
             return "storage_error", f"the reply is not stored: {exc.message}; {later}"
         except TurnLost as exc:
             return "turn_lost", str(exc)
@@ -245,7 +350,7 @@ class TurnStream:
     async def _end_generation(self) -> None:
         """Stop the engine early, bounded by its idle deadline (an engine step like any other)."""
         generation = self.generation
-        if generation is None or self._generated:
+        if self._generated:
             return
         self._generated = True
         try:
@@ -282,7 +387,8 @@ class TurnStream:
         first = self.first_token_at
         self.metrics.record_stream(outcome, events, tokens, None if first is None else first - self.arrived)
         fields = self.log_fields
-        fields["conversation_id"] = self.turn.conversation_id
+        if self.reply.conversation_id is not None:
+            fields["conversation_id"] = self.reply.conversation_id
         fields["outcome"] = outcome
         fields["tokens"] = tokens
         fields["events"] = events

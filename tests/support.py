@@ -11,7 +11,14 @@ from typing import Any
 import httpx
 from httpx_sse import ServerSentEvent, connect_sse
 
-from chatsse.engine import CompletionReason, SimulatedEngine, SimulatedGeneration
+from chatsse.engine import (
+    DEFAULT_OPTIONS,
+    CompletionReason,
+    GenerationOptions,
+    SimulatedEngine,
+    SimulatedGeneration,
+    StopSequences,
+)
 from chatsse.models import Message
 
 
@@ -59,10 +66,14 @@ class RecordingEngine(SimulatedEngine):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.prompts: list[list[Message]] = []
+        self.options: list[GenerationOptions] = []
 
-    def generate(self, messages: Sequence[Message], *, max_tokens: int) -> SimulatedGeneration:
+    def generate(
+        self, messages: Sequence[Message], *, max_tokens: int, options: GenerationOptions = DEFAULT_OPTIONS
+    ) -> SimulatedGeneration | StopSequences:
         self.prompts.append(list(messages))
-        return super().generate(messages, max_tokens=max_tokens)
+        self.options.append(options)
+        return super().generate(messages, max_tokens=max_tokens, options=options)
 
 
 class EngineFailure(RuntimeError):
@@ -77,6 +88,9 @@ class FailingGeneration:
         self.prompt_tokens = 1
         self.completion_tokens = 0
         self.finish_reason: CompletionReason | None = None
+
+    async def start(self) -> None:
+        return None
 
     def __aiter__(self) -> FailingGeneration:
         return self
@@ -97,7 +111,9 @@ class FailingEngine:
     def __init__(self, good_tokens: int = 3) -> None:
         self.good_tokens = good_tokens
 
-    def generate(self, messages: Sequence[Message], *, max_tokens: int) -> FailingGeneration:
+    def generate(
+        self, messages: Sequence[Message], *, max_tokens: int, options: GenerationOptions = DEFAULT_OPTIONS
+    ) -> FailingGeneration:
         return FailingGeneration(self.good_tokens)
 
     async def aclose(self) -> None:

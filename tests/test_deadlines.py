@@ -268,7 +268,7 @@ class BigTokenEngine:
     def __init__(self, tokens: int = 2000) -> None:
         self.tokens = tokens
 
-    def generate(self, messages: Sequence[Message], *, max_tokens: int) -> Any:
+    def generate(self, messages: Sequence[Message], *, max_tokens: int, options: Any = None) -> Any:
         return _Tokens(["x" * 16384] * min(self.tokens, max_tokens))
 
     async def aclose(self) -> None:
@@ -286,6 +286,9 @@ class _Tokens:
 
     def __aiter__(self) -> _Tokens:
         return self
+
+    async def start(self) -> None:
+        return None
 
     async def __anext__(self) -> list[str]:
         if self.completion_tokens == self.stall_after:
@@ -342,7 +345,7 @@ class StallingEngine:
         self.generations: list[_Tokens] = []
         self.name = "stalling"
 
-    def generate(self, messages: Sequence[Message], *, max_tokens: int) -> _Tokens:
+    def generate(self, messages: Sequence[Message], *, max_tokens: int, options: Any = None) -> _Tokens:
         generation = _Tokens([" token"] * 10, stall_after=self.stall_after)
         self.generations.append(generation)
         return generation

@@ -91,6 +91,9 @@ class _NotText:
     def __aiter__(self) -> _NotText:
         return self
 
+    async def start(self) -> None:
+        return None
+
     async def __anext__(self) -> list[Any]:
         self.completion_tokens += 1
         return [" fine"] if self.completion_tokens == 1 else [12345]
@@ -102,7 +105,7 @@ class _NotText:
 class NotTextEngine:
     name = "not-text"
 
-    def generate(self, messages: Sequence[Message], *, max_tokens: int) -> _NotText:
+    def generate(self, messages: Sequence[Message], *, max_tokens: int, options: Any = None) -> _NotText:
         return _NotText()
 
     async def aclose(self) -> None:
