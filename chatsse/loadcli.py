@@ -29,7 +29,7 @@ from chatsse.loadgen import (
     save_sweep,
 )
 from chatsse.loadmetrics import SLO, Stats
-from chatsse.loadtargets import ChatsseTarget, OpenAITarget, Target, TargetError
+from chatsse.loadtargets import ChatsseTarget, OpenAITarget, ResponsesTarget, Target, TargetError
 
 __all__ = [
     "ProgressLine",
@@ -43,8 +43,9 @@ __all__ = [
 ]
 
 DESCRIPTION = (
-    "Load-test a streaming chat server: chatsse's POST /chat, or an OpenAI-compatible "
-    "chat-completions server (vLLM, llama.cpp, Ollama) with --openai."
+    "Load-test a streaming chat server: chatsse's POST /chat, an OpenAI-compatible "
+    "chat-completions server (vLLM, llama.cpp, Ollama) with --openai, or an OpenAI "
+    "Responses API server (POST /v1/responses, previous_response_id across turns) with --responses."
 )
 EPILOG = (
     "exit codes: 0 done; 1 error rate above --max-error-rate, the --simple request failed, "
@@ -81,7 +82,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "url",
         nargs="?",
         default=DEFAULT_URL,
-        help=f"server URL; a bare host:port gets /chat (or /v1/chat/completions) (default {DEFAULT_URL})",
+        help="server URL; a bare host:port gets /chat (or /v1/chat/completions, /v1/responses), "
+        f"a base URL ending in /v1 gets the rest (default {DEFAULT_URL})",
     )
     parser.add_argument(
         "--serve",
@@ -124,14 +126,27 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     shape.add_argument(
         "--sweep-concurrency", type=_ints, metavar="C1,C2,...", help="one closed-loop run per concurrency"
     )
-    target = parser.add_argument_group("target")
-    target.add_argument("--openai", action="store_true", help="OpenAI chat-completions protocol (vLLM, ...)")
-    target.add_argument("--model", help="OpenAI model (default: the first one the server lists)")
-    target.add_argument("--max-tokens", type=int, help="cap on reply tokens per request")
+    target = parser.add_argument_group("target (default: chatsse's POST /chat)")
+    protocols = target.add_mutually_exclusive_group()
+    protocols.add_argument(
+        "--openai", action="store_true", help="OpenAI chat-completions protocol (vLLM, ...)"
+    )
+    protocols.add_argument(
+        "--responses",
+        action="store_true",
+        help="OpenAI Responses API (POST /v1/responses); turns chain with previous_response_id",
+    )
+    target.add_argument(
+        "--model", help="--openai, --responses: model (default: the first one the server lists)"
+    )
+    target.add_argument(
+        "--max-tokens", type=int, help="cap on reply tokens per request (Responses: max_output_tokens)"
+    )
     target.add_argument(
         "--check-content",
         action="store_true",
-        help="chatsse: decode every delta and check the reply equals completed.content",
+        help="chatsse, --responses: decode every delta and check the reply equals the final text "
+        "(completed.content, response.output_text.done)",
     )
     report = parser.add_argument_group("report")
     report.add_argument("--slo-ttft-ms", type=float, help="goodput: TTFT threshold (ms)")
@@ -149,7 +164,7 @@ def add_load_command(subparsers: Any) -> None:
     """Register ``load`` on an ``add_subparsers()`` object; its handler returns an exit code."""
     parser = subparsers.add_parser(
         "load",
-        help="load-test a streaming chat server (chatsse or OpenAI-compatible)",
+        help="load-test a streaming chat server (chatsse, OpenAI chat completions or Responses)",
         description=DESCRIPTION,
         epilog=EPILOG,
     )
@@ -179,6 +194,10 @@ def _slo(args: argparse.Namespace) -> SLO | None:
 def _target(args: argparse.Namespace) -> Target:
     if args.openai:
         return OpenAITarget(args.url, model=args.model, max_tokens=args.max_tokens)
+    if args.responses:
+        return ResponsesTarget(
+            args.url, model=args.model, max_tokens=args.max_tokens, collect_text=args.check_content
+        )
     return ChatsseTarget(args.url, max_tokens=args.max_tokens, collect_text=args.check_content)
 
 
@@ -205,8 +224,17 @@ def _config(args: argparse.Namespace) -> LoadConfig:
     )
 
 
+PLOTS_MISSING = "--plot needs plotly, which this installation lacks: pip install 'chatsse[load]'"
+
+
 def run_load_command(args: argparse.Namespace) -> int:
     """The ``load`` command's handler."""
+    if args.plot:
+        try:
+            import plotly  # type: ignore[import-untyped]  # noqa: F401
+        except ImportError:
+            print(f"chatsse load: {PLOTS_MISSING}", file=sys.stderr)
+            return 2
     if args.serve:
         from chatsse.processes import ServerProcessError, UvicornServer
 

@@ -1,6 +1,6 @@
 """What the load client talks to: one streamed chat request per call, measured into a record.
 
-Two protocols:
+Three protocols:
 
 - :class:`ChatsseTarget`: chatsse's ``POST /chat`` (README, "Protocol"). Content events
   are ``event: message``; ``completed`` carries the usage; ``error`` ends a failed stream.
@@ -10,22 +10,33 @@ Two protocols:
   last chunk (``stream_options.include_usage``); ``data: [DONE]`` ends the stream; an
   in-band ``{"error": {...}}`` chunk is a failure. The client keeps the message list,
   so a multi-turn user sends the whole history every turn.
+- :class:`ResponsesTarget`: the OpenAI Responses API, ``POST /v1/responses`` with
+  ``"stream": true, "store": true``. Every event's data has a ``type`` and a
+  ``sequence_number`` (0, 1, 2, ...); content is ``response.output_text.delta``; the
+  stream ends with ``response.completed`` or ``response.incomplete`` (both carry the
+  usage), or fails with ``response.failed`` or an ``error`` event; there is no
+  ``[DONE]``. The server keeps the conversation: a user's next turn sends the last
+  response's id as ``previous_response_id``.
 
 Hot path: bytes are read as they arrive (``iter_any``, never line by line) and fed to
 :class:`~chatsse.eventstream.EventStreamParser`. A chunk costs one ``perf_counter``
 call, and a content event one list append of that time: events in one chunk arrived
 together. chatsse ``message`` events are not JSON-decoded unless their text is wanted
 (``collect_text``, or an ``on_text`` callback); OpenAI chunks must be decoded to tell
-content from role and usage chunks.
+content from role and usage chunks, and Responses events to check their sequence numbers.
 
 Error types written to ``RequestRecord.error``:
 
 ==========================  ==============================================================
 ``http_<status>``           the response status was not 200
-``stream_error:<type>``     the server ended the stream with an error (its ``type``)
-``truncated``               the stream ended cleanly without ``completed`` / ``[DONE]``
-``content_mismatch``        chatsse, ``collect_text``: the deltas differ from ``content``
-``protocol_error``          an event's data was not the JSON the protocol specifies
+``stream_error:<type>``     the server ended the stream with an error (its ``type``;
+                            Responses: the ``code`` of ``response.failed`` or ``error``)
+``truncated``               the stream ended cleanly without ``completed`` / ``[DONE]`` /
+                            ``response.completed`` / ``response.incomplete``
+``content_mismatch``        ``collect_text``: the deltas differ from chatsse's ``content``
+                            or from the Responses ``response.output_text.done`` texts
+``protocol_error``          an event's data was not the JSON the protocol specifies, or a
+                            Responses ``sequence_number`` was not the previous one + 1
 ``connection``              connecting failed, or the connection broke mid-stream
 ``timeout``                 the request did not finish within its time limit
 ``cancelled``               the run stopped it (end of the drain time, Ctrl-C)
@@ -54,6 +65,7 @@ __all__ = [
     "ChatsseTarget",
     "Conversation",
     "OpenAITarget",
+    "ResponsesTarget",
     "Target",
     "TargetError",
     "endpoint_url",
@@ -64,6 +76,14 @@ TextCallback = Callable[[str], object]
 _loads = json.loads
 _CONNECTED, _MESSAGE, _COMPLETED, _ERROR = protocol.EVENTS
 
+# Responses API event types (the ``type`` of each event's data).
+_TEXT_DELTA = "response.output_text.delta"
+_REASONING_DELTA = "response.reasoning_text.delta"
+_TEXT_DONE = "response.output_text.done"
+_RESPONSE_FINISHED = frozenset({"response.completed", "response.incomplete"})
+_RESPONSE_FAILED = "response.failed"
+_STREAM_ERROR = "error"
+
 
 class TargetError(ChatsseError, RuntimeError):
     """The target cannot be used (e.g. no model could be discovered)."""
@@ -73,7 +93,8 @@ def endpoint_url(url: str, default_path: str) -> str:
     """``url`` itself when it names a path, else the server root plus ``default_path``.
 
     ``http://host:8000`` and ``http://host:8000/`` get the default path; for OpenAI
-    targets an OpenAI-style base URL ending in ``/v1`` gets ``/chat/completions``.
+    targets an OpenAI-style base URL ending in ``/v1`` gets the rest of the default path
+    (``/chat/completions``, ``/responses``).
     """
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -93,11 +114,14 @@ class Conversation:
 
     ``conversation_id``: chatsse's id, from the first turn's ``connected`` event.
     ``history``: OpenAI targets, the messages sent so far (completed turns only).
+    ``response_id``: Responses targets, the id of the last successful response (completed
+    or incomplete), sent as the next turn's ``previous_response_id``.
     ``last_reply``: the last reply's text, when it was collected.
     """
 
     conversation_id: str | None = None
     history: list[dict[str, str]] = field(default_factory=list)
+    response_id: str | None = None
     last_reply: str | None = None
 
 
@@ -268,16 +292,12 @@ class ChatsseTarget(Target):
         record.tokens = tokens
 
 
-class OpenAITarget(Target):
-    """An OpenAI-compatible ``POST /v1/chat/completions`` with streaming.
+class _ModelTarget(Target):
+    """An OpenAI-style endpoint serving named models.
 
-    ``model=None`` asks the server (``GET /v1/models``) and uses its first model.
-    Reasoning deltas (``reasoning_content`` / ``reasoning``) count as tokens too: they
-    are generated tokens, though not part of the reply text.
+    ``model=None`` asks the server (``GET <base>/v1/models``, next to the endpoint) and
+    uses its first model.
     """
-
-    protocol = "openai"
-    default_path = "/v1/chat/completions"
 
     def __init__(self, url: str, *, model: str | None = None, max_tokens: int | None = None) -> None:
         super().__init__(url, max_tokens=max_tokens)
@@ -286,10 +306,15 @@ class OpenAITarget(Target):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "model": self.model}
 
+    @property
+    def models_url(self) -> str:
+        """The endpoint URL with the default path's part after ``/v1`` replaced by ``/models``."""
+        return self.url.removesuffix(self.default_path.removeprefix("/v1")) + "/models"
+
     async def prepare(self, http: aiohttp.ClientSession) -> None:
         if self.model is not None:
             return
-        models_url = self.url.removesuffix("/chat/completions") + "/models"
+        models_url = self.models_url
         try:
             async with asyncio.timeout(30), http.get(models_url) as response:
                 listing = await response.json(content_type=None) if response.status == 200 else None
@@ -299,6 +324,17 @@ class OpenAITarget(Target):
         if not models:
             raise TargetError(f"no model listed at {models_url}; pass a model")
         self.model = str(models[0]["id"])
+
+
+class OpenAITarget(_ModelTarget):
+    """An OpenAI-compatible ``POST /v1/chat/completions`` with streaming.
+
+    Reasoning deltas (``reasoning_content`` / ``reasoning``) count as tokens too: they
+    are generated tokens, though not part of the reply text.
+    """
+
+    protocol = "openai"
+    default_path = "/v1/chat/completions"
 
     def request_body(self, conversation: Conversation, message: str) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -376,3 +412,105 @@ class OpenAITarget(Target):
             conversation.last_reply = reply
             conversation.history.append({"role": "user", "content": message})
             conversation.history.append({"role": "assistant", "content": reply})
+
+
+class ResponsesTarget(_ModelTarget):
+    """The OpenAI Responses API, ``POST /v1/responses`` with streaming.
+
+    Events are told apart by their data's ``type`` (the ``event:`` line is not needed).
+    Each ``response.output_text.delta`` is a token; ``response.reasoning_text.delta``
+    counts too (generated, though not reply text). ``collect_text`` joins the deltas'
+    text into ``Conversation.last_reply`` and checks it equals the
+    ``response.output_text.done`` texts. A turn that ends without error (``completed`` or
+    ``incomplete``, e.g. at ``max_output_tokens``) moves ``Conversation.response_id`` on.
+    """
+
+    protocol = "responses"
+    default_path = "/v1/responses"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        model: str | None = None,
+        max_tokens: int | None = None,
+        collect_text: bool = False,
+    ) -> None:
+        super().__init__(url, model=model, max_tokens=max_tokens)
+        self.collect_text = collect_text
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "collect_text": self.collect_text}
+
+    def request_body(self, conversation: Conversation, message: str) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.model, "input": message, "stream": True, "store": True}
+        if conversation.response_id is not None:
+            body["previous_response_id"] = conversation.response_id
+        if self.max_tokens is not None:
+            body["max_output_tokens"] = self.max_tokens
+        return body
+
+    async def _read_stream(
+        self,
+        response: aiohttp.ClientResponse,
+        conversation: Conversation,
+        message: str,
+        record: RequestRecord,
+        on_text: TextCallback | None,
+    ) -> None:
+        parser = EventStreamParser()
+        feed = parser.feed
+        token_times = record.token_times
+        add_token = token_times.append
+        parts: list[str] | None = [] if self.collect_text or on_text is not None else None
+        done_texts: list[str] = []
+        events = 0  # also the next expected sequence_number: they count the events from 0
+        received = 0
+        final: dict[str, Any] | None = None  # the response object of the last response.* event
+        failure: dict[str, Any] | None = None
+        async for chunk in response.content.iter_any():
+            now = perf_counter()
+            received += len(chunk)
+            for event in feed(chunk):
+                payload = _loads(event.data)
+                if payload["sequence_number"] != events:
+                    raise ValueError(f"sequence_number {payload['sequence_number']}, expected {events}")
+                events += 1
+                kind = payload["type"]
+                if kind == _TEXT_DELTA:
+                    add_token(now)
+                    if parts is not None:
+                        delta: str = payload["delta"]
+                        parts.append(delta)
+                        if on_text is not None:
+                            on_text(delta)
+                elif kind == _REASONING_DELTA:
+                    add_token(now)
+                elif kind == _TEXT_DONE:
+                    done_texts.append(payload["text"])
+                elif kind in _RESPONSE_FINISHED:
+                    final = payload["response"]
+                elif kind == _RESPONSE_FAILED:
+                    final = payload["response"]
+                    failure = final.get("error") or {}
+                elif kind == _STREAM_ERROR:
+                    failure = payload
+        record.end = perf_counter()
+        record.events = events
+        record.bytes_received = received
+        usage = (final.get("usage") if final is not None else None) or {}
+        record.tokens = usage.get("output_tokens", len(token_times))
+        record.prompt_tokens = usage.get("input_tokens")
+        if failure is not None:
+            record.error = f"stream_error:{failure.get('code') or 'unknown'}"
+            return
+        if final is None:
+            record.error = "truncated"
+            return
+        if parts is not None:
+            reply = "".join(parts)
+            conversation.last_reply = reply
+            if reply != "".join(done_texts):
+                record.error = "content_mismatch"
+                return
+        conversation.response_id = final["id"]

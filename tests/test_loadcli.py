@@ -83,6 +83,42 @@ def test_openai_sweep_over_concurrency(tmp_path: Path, capsys: pytest.CaptureFix
     assert all(r.target["model"] == "fake-model" for r in results)
 
 
+def test_responses_multi_turn_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    output = tmp_path / "responses.json"
+    fake = FakeOpenAI()
+    with InProcessServer(fake.app()) as server:
+        load = [f"{server.url}/v1", "--responses", "--requests", "6", "--rate", "inf", "--quiet"]
+        code = main(
+            [*load, "--multi-turn", "3", "--max-tokens", "4", "--check-content", "--output", str(output)]
+        )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "6 sent, 6 completed, 0 failed" in out
+    assert f"responses {server.url}/v1/responses (model fake-model)" in out  # discovered
+    result = LoadTestResult.load(output)
+    assert result.target["protocol"] == "responses"
+    assert result.target["collect_text"] is True
+    assert all(body["max_output_tokens"] == 4 for body in fake.bodies)
+    chained = [body["previous_response_id"] for body in fake.bodies if "previous_response_id" in body]
+    assert len(chained) == 4  # turns 2 and 3 of the two users (arriving at once)
+    assert sorted(fake.chains.values()) == [1, 1, 2, 2, 3, 3]
+
+
+def test_responses_simple_prints_the_streamed_reply(capsys: pytest.CaptureFixture[str]) -> None:
+    with InProcessServer(FakeOpenAI().app()) as server:
+        assert main([server.url, "--responses", "--model", "m", "--simple"]) == 0
+    captured = capsys.readouterr()
+    assert "turn 1 reply w0 w1 w2 w3" in captured.out
+    assert captured.err.startswith("[ok] status 200, TTFT")
+
+
+def test_openai_and_responses_exclude_each_other(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["http://127.0.0.1:9", "--openai", "--responses"])
+    assert exit_info.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "bad",
     [

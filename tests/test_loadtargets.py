@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from collections.abc import Iterator
 from time import perf_counter
@@ -12,7 +13,8 @@ import aiohttp
 import httpx
 import pytest
 from conftest import Serve
-from fake_openai import MODEL, FakeOpenAI
+from fake_openai import MODEL, PROMPT_TOKENS, FakeOpenAI
+from starlette.applications import Starlette
 from support import FailingEngine
 
 from chatsse.inprocess import InProcessServer
@@ -21,6 +23,7 @@ from chatsse.loadtargets import (
     ChatsseTarget,
     Conversation,
     OpenAITarget,
+    ResponsesTarget,
     Target,
     TargetError,
     endpoint_url,
@@ -95,6 +98,9 @@ def asgi_stream(*chunks: bytes) -> Any:
         ("http://h:1/v1", "/v1/chat/completions", "http://h:1/v1/chat/completions"),
         ("https://h/x/v1/", "/v1/chat/completions", "https://h/x/v1/chat/completions"),
         ("http://h:1/v1/chat/completions", "/v1/chat/completions", "http://h:1/v1/chat/completions"),
+        ("http://h:1", "/v1/responses", "http://h:1/v1/responses"),
+        ("http://h:1/v1/", "/v1/responses", "http://h:1/v1/responses"),
+        ("https://h/x/v1", "/v1/responses", "https://h/x/v1/responses"),
     ],
 )
 def test_endpoint_url(url: str, default: str, expected: str) -> None:
@@ -322,7 +328,188 @@ def test_openai_without_done_is_truncated_and_status_is_checked() -> None:
     assert (refused.error, refused.status) == ("http_400", 400)
 
 
-def test_openai_model_discovery_failure_is_a_target_error(serve: Serve) -> None:
-    target = OpenAITarget(serve().url)  # chatsse has no /v1/models
-    with pytest.raises(TargetError, match="pass a model"):
-        send(target, "a")
+@pytest.mark.parametrize("target_class", [OpenAITarget, ResponsesTarget])
+def test_model_discovery_failure_is_a_target_error(
+    target_class: type[OpenAITarget | ResponsesTarget],
+) -> None:
+    with InProcessServer(Starlette()) as server, pytest.raises(TargetError, match="pass a model"):
+        send(target_class(server.url), "a")  # every path is a 404, /v1/models too
+
+
+# --- Responses API ------------------------------------------------------------------------
+
+REPLY = "turn {} reply w0 w1 w2 w3"  # the fake's reply at turn n of a chain
+
+
+def responses_sse(*events: tuple[str, dict[str, Any]]) -> bytes:
+    """Responses events with their type and sequence numbers from 0, as a server sends them."""
+    out = []
+    for number, (kind, data) in enumerate(events):
+        payload = json.dumps({"type": kind, "sequence_number": number, **data})
+        out.append(f"event: {kind}\ndata: {payload}\n\n")
+    return "".join(out).encode()
+
+
+def completed(output_tokens: int) -> tuple[str, dict[str, Any]]:
+    usage = {"input_tokens": 3, "output_tokens": output_tokens, "total_tokens": 3 + output_tokens}
+    return "response.completed", {"response": {"id": "resp_x", "status": "completed", "usage": usage}}
+
+
+def test_responses_url_and_models_url() -> None:
+    target = ResponsesTarget("http://h:1/v1", model="m")
+    assert target.url == "http://h:1/v1/responses"
+    assert target.models_url == "http://h:1/v1/models"
+    assert OpenAITarget("http://h:1").models_url == "http://h:1/v1/models"
+
+
+def test_responses_single_turn(fake_openai: tuple[FakeOpenAI, InProcessServer]) -> None:
+    fake, server = fake_openai
+    fake.token_delay = 0.05
+    fake.tokens_per_delta = 2  # the usage, not the delta count, is the token count
+    target = ResponsesTarget(server.url, model="m", collect_text=True)
+    conversation = Conversation()
+    (record,) = send(target, "hi", conversation=conversation)
+    assert record.ok, record.error
+    assert (record.tokens, record.prompt_tokens) == (10, PROMPT_TOKENS)
+    assert len(record.token_times) == 5  # one per output_text.delta, none for the 4 opening events
+    assert record.events == 13  # 4 opening, 5 deltas, 3 done, completed
+    assert record.first_token_at == record.token_times[0]
+    assert record.ttft is not None
+    assert record.ttft >= 0.05  # the first delta, not response.created
+    assert record.headers_at is not None
+    assert record.end is not None
+    assert record.headers_at < record.first_token_at <= record.token_times[-1] <= record.end
+    assert conversation.last_reply == REPLY.format(1)
+    assert conversation.response_id in fake.chains
+    assert conversation.history == []
+    assert fake.bodies == [{"model": "m", "input": "hi", "stream": True, "store": True}]
+
+
+def test_responses_turns_chain_previous_response_id(fake_openai: tuple[FakeOpenAI, InProcessServer]) -> None:
+    fake, server = fake_openai
+    target = ResponsesTarget(server.url, model="m", collect_text=True)
+    conversation = Conversation()
+    records, ids, replies = [], [], []
+    for message in ("one", "two", "three"):
+        records += send(target, message, conversation=conversation)
+        ids.append(conversation.response_id)
+        replies.append(conversation.last_reply)
+    assert all(r.ok for r in records), [r.error for r in records]
+    assert len(set(ids)) == 3
+    assert [body.get("previous_response_id") for body in fake.bodies] == [None, ids[0], ids[1]]
+    assert [body["input"] for body in fake.bodies] == ["one", "two", "three"]
+    assert replies == [REPLY.format(n) for n in (1, 2, 3)]  # the server followed the chain
+    assert [r.prompt_tokens for r in records] == [PROMPT_TOKENS * n for n in (1, 2, 3)]
+
+
+@pytest.mark.parametrize(
+    ("failure", "error"),
+    [("response.failed", "stream_error:server_error"), ("error", "stream_error:engine_died")],
+)
+def test_responses_failed_turn_does_not_advance_the_chain(failure: Any, error: str) -> None:
+    fake = FakeOpenAI(error_after=2, failing_requests=frozenset({1}), failure=failure)
+    conversation = Conversation()
+    with InProcessServer(fake.app()) as server:
+        target = ResponsesTarget(server.url, model="m", collect_text=True)
+        records = send(target, "a", "b", "c", conversation=conversation)
+    assert [r.error for r in records] == [None, error, None]
+    assert len(records[1].token_times) == 2
+    first = fake.bodies[1]["previous_response_id"]
+    assert fake.bodies[2]["previous_response_id"] == first  # the failed response is skipped
+    assert conversation.last_reply == REPLY.format(2)
+
+
+def test_responses_truncated_and_refused() -> None:
+    conversation = Conversation()
+    with InProcessServer(FakeOpenAI(truncate=True).app()) as server:
+        (truncated,) = send(ResponsesTarget(server.url, model="m"), "a", conversation=conversation)
+    with InProcessServer(FakeOpenAI(status=400).app()) as server:
+        (refused,) = send(ResponsesTarget(server.url, model="m"), "a")
+    assert truncated.error == "truncated"
+    assert (truncated.tokens, truncated.events, truncated.prompt_tokens) == (5, 9, None)
+    assert conversation.response_id is None
+    assert (refused.error, refused.status) == ("http_400", 400)
+
+
+def test_responses_sequence_gap_is_protocol_error() -> None:
+    for skipped in (0, 6):
+        with InProcessServer(FakeOpenAI(skip_sequence_number=skipped).app()) as server:
+            (record,) = send(ResponsesTarget(server.url, model="m"), "a")
+        assert record.error == "protocol_error", skipped
+    with InProcessServer(FakeOpenAI(skip_sequence_number=13).app()) as server:  # after the last event
+        (record,) = send(ResponsesTarget(server.url, model="m"), "a")
+    assert record.ok, record.error
+
+
+def test_responses_unknown_previous_response_id_is_http_404(
+    fake_openai: tuple[FakeOpenAI, InProcessServer],
+) -> None:
+    fake, server = fake_openai
+    conversation = Conversation(response_id="resp_unknown")
+    (record,) = send(ResponsesTarget(server.url, model="m"), "a", conversation=conversation)
+    assert (record.error, record.status) == ("http_404", 404)
+    assert fake.bodies[0]["previous_response_id"] == "resp_unknown"
+
+
+def test_responses_max_tokens_is_max_output_tokens(fake_openai: tuple[FakeOpenAI, InProcessServer]) -> None:
+    fake, server = fake_openai
+    target = ResponsesTarget(server.url, model="m", max_tokens=3, collect_text=True)
+    conversation = Conversation()
+    records = send(target, "a", "b", conversation=conversation)
+    assert [body["max_output_tokens"] for body in fake.bodies] == [3, 3]
+    assert all(r.ok for r in records), [r.error for r in records]  # incomplete is not an error
+    assert [r.tokens for r in records] == [3, 3]
+    assert fake.bodies[1]["previous_response_id"] is not None  # an incomplete response chains too
+    assert conversation.last_reply == "turn 2 reply w0 w1"
+
+
+def test_responses_model_discovery(fake_openai: tuple[FakeOpenAI, InProcessServer]) -> None:
+    fake, server = fake_openai
+    target = ResponsesTarget(server.url + "/v1")
+    (record,) = send(target, "hi")
+    assert record.ok, record.error
+    assert target.model == MODEL
+    assert target.describe()["model"] == MODEL
+    assert fake.bodies[0]["model"] == MODEL
+
+
+def test_responses_content_mismatch_and_reasoning_tokens() -> None:
+    stream = responses_sse(
+        ("response.created", {"response": {"id": "resp_x"}}),
+        ("response.reasoning_text.delta", {"delta": "hmm"}),
+        ("response.output_text.delta", {"delta": "a"}),
+        ("response.output_text.done", {"text": "ab"}),
+        completed(2),
+    )
+    app = asgi_stream(stream[:30], stream[30:])  # an event split across chunks
+    checked_conversation = Conversation()
+    with InProcessServer(app) as server:
+        (checked,) = send(
+            ResponsesTarget(server.url, model="m", collect_text=True), "a", conversation=checked_conversation
+        )
+        conversation = Conversation()
+        (unchecked,) = send(ResponsesTarget(server.url, model="m"), "a", conversation=conversation)
+    assert checked.error == "content_mismatch"
+    assert checked_conversation.response_id is None
+    assert unchecked.ok, unchecked.error
+    assert len(unchecked.token_times) == 2  # the reasoning delta is a generated token
+    assert (unchecked.tokens, unchecked.prompt_tokens, unchecked.events) == (2, 3, 5)
+    assert conversation.response_id == "resp_x"
+    assert conversation.last_reply is None
+
+
+def test_responses_on_text_receives_each_delta(fake_openai: tuple[FakeOpenAI, InProcessServer]) -> None:
+    _, server = fake_openai
+    deltas: list[str] = []
+    target = ResponsesTarget(server.url, model="m")
+
+    async def one() -> RequestRecord:
+        async with aiohttp.ClientSession() as http:
+            record = new_record()
+            await target.request(http, Conversation(), "hi", record, on_text=deltas.append)
+            return record
+
+    record = asyncio.run(one())
+    assert record.ok, record.error
+    assert "".join(deltas) == REPLY.format(1)
+    assert len(deltas) == 5
