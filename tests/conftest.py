@@ -28,7 +28,10 @@ def serve() -> Iterator[Serve]:
     servers: list[InProcessServer] = []
 
     def start(*, engine: Any = None, store_object: Any = None, **overrides: Any) -> InProcessServer:
-        """Settings as keyword arguments; ``engine`` and ``store_object`` replace the defaults."""
+        """Settings as keyword arguments; ``engine`` (an engine object) and ``store_object``
+        replace the defaults; ``engine`` as a string is the ``CHATSSE_ENGINE`` setting."""
+        if isinstance(engine, str):
+            overrides["engine"], engine = engine, None
         settings = Settings(_env_file=None, **{**FAST, **overrides})  # type: ignore[call-arg]
         server = InProcessServer(create_app(settings, engine=engine, store=store_object)).start()
         servers.append(server)

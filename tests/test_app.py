@@ -83,6 +83,8 @@ def test_chat_page_speaks_the_protocol_module(client: httpx.Client) -> None:
     assert json.dumps(protocol.page_constants(), separators=(",", ":")) in page
     script = page.split("<script>", 1)[1]
     assert not re.search(r"ev\.type\s*===\s*[\"']", script)  # no event name spelled out
+    # The chatsse wire's reader (the page speaks the OpenAI wires too, tests/test_page.py).
+    script = script.split("// ---- chatsse protocol ----", 1)[1].split("// ---- end chatsse protocol ----")[0]
     assert set(re.findall(r"\bEV\.(\w+)", script)) == set(protocol.EVENTS)
     fields = protocol.page_constants()["fields"]
     event_keys = set().union(*(fields[name] for name in protocol.EVENTS))

@@ -67,13 +67,14 @@ def test_the_wheel_carries_the_page_and_the_type_marker(installed: Installed) ->
     assert not any(f.startswith(str(ROOT)) for f in files)  # the installed copy, not this checkout
 
 
-def test_the_load_client_is_an_extra(installed: Installed) -> None:
-    missing = subprocess.run(
-        [installed.bin / "python", "-c", "import aiohttp"], capture_output=True, cwd=installed.workdir
-    )
-    assert missing.returncode != 0
+def test_the_load_client_comes_with_the_server_and_its_plots_are_an_extra(installed: Installed) -> None:
+    for module, present in (("aiohttp", True), ("plotly", False), ("pandas", False)):
+        found = subprocess.run(
+            [installed.bin / "python", "-c", f"import {module}"], capture_output=True, cwd=installed.workdir
+        )
+        assert (found.returncode == 0) == present, module
     load = subprocess.run(
-        [installed.bin / "chatsse", "load", "http://127.0.0.1:1"],
+        [installed.bin / "chatsse", "load", "--plot", "p.html", "http://127.0.0.1:1"],
         capture_output=True, text=True, cwd=installed.workdir, env=installed.env(), timeout=60,
     )  # fmt: skip
     assert load.returncode == 2

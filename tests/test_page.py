@@ -99,3 +99,71 @@ def test_unknown_conversation_error_is_shown(page: Any, server: GunicornServer) 
     page.click("#send")
     page.wait_for_function("document.querySelector('#messages').innerText.includes('404')")
     assert page.text_content("#conversation-id") == ""
+
+
+def _expected_reply(history: list[str]) -> str:
+    """What the simulated engine answers to this user/assistant alternation (server settings)."""
+    from chatsse.engine import SimulatedEngine
+    from chatsse.models import Message
+
+    roles = ["user", "assistant"]
+    messages = [Message("", roles[i % 2], text, 0.0) for i, text in enumerate(history)]  # type: ignore[arg-type]
+    engine = SimulatedEngine(
+        reply_tokens=(int(ENV["CHATSSE_SIM_REPLY_TOKENS_MIN"]), int(ENV["CHATSSE_SIM_REPLY_TOKENS_MAX"]))
+    )
+    return engine.compose(messages)
+
+
+def test_the_page_speaks_chat_completions_keeping_the_history_itself(
+    page: Any, server: GunicornServer
+) -> None:
+    total = httpx.get(f"{server.url}/conversations").json()["total"]
+    page.select_option("#protocol", "completions")
+    _send(page, "First question over chat completions")
+    _send(page, "A second one")
+    shown = page.locator(".message.assistant .content").all_text_contents()
+    assert shown[0] == _expected_reply(["First question over chat completions"])
+    assert shown[1] == _expected_reply(["First question over chat completions", shown[0], "A second one"])
+    assert page.text_content("#conversation-id") == "4 messages, kept by the page"
+    assert "completion" in (page.locator(".message.assistant .meta").last.text_content() or "")
+    assert httpx.get(f"{server.url}/conversations").json()["total"] == total  # nothing stored
+
+
+def test_the_page_speaks_the_responses_api_chaining_previous_response_id(
+    page: Any, server: GunicornServer
+) -> None:
+    page.select_option("#protocol", "responses")
+    _send(page, "First question over responses")
+    first_id = page.text_content("#conversation-id")
+    assert first_id
+    assert first_id.startswith("resp_")
+    _send(page, "And a follow-up")
+    second_id = page.text_content("#conversation-id")
+    assert second_id != first_id
+    stored = httpx.get(f"{server.url}/v1/responses/{second_id}").json()
+    assert stored["previous_response_id"] == first_id
+    shown = page.locator(".message.assistant .content").all_text_contents()
+    assert stored["output"][0]["content"][0]["text"] == shown[1]
+    assert shown[1] == _expected_reply(["First question over responses", shown[0], "And a follow-up"])
+    assert "output" in (page.locator(".message.assistant .meta").last.text_content() or "")
+    # Switching wires starts over: the next chatsse turn opens a new conversation.
+    page.select_option("#protocol", "chat")
+    assert page.text_content("#conversation-id") == ""
+    assert page.locator(".message").count() == 0
+
+
+def test_an_openai_error_is_shown_with_its_code(page: Any, server: GunicornServer) -> None:
+    page.select_option("#protocol", "responses")
+    # A chain the server does not know: the 404 the SDK would raise NotFoundError for.
+    page.evaluate(
+        """() => { const real = window.fetch; window.fetch = (url, opts) => {
+            if (String(url).endsWith('v1/responses')) {
+              const body = JSON.parse(opts.body); body.previous_response_id = 'resp_gone.msg_gone';
+              opts = {...opts, body: JSON.stringify(body)};
+            }
+            return real(url, opts); }; }"""
+    )
+    page.fill("#input", "continue a chain that is gone")
+    page.click("#send")
+    page.wait_for_function("document.querySelector('#messages').innerText.includes('response_not_found')")
+    assert "HTTP 404" in (page.locator(".message.assistant .error").last.text_content() or "")

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Serve
 
 from chatsse import protocol
 from chatsse.metrics import Metrics
@@ -41,3 +45,19 @@ def test_first_screen_shows_the_two_commands() -> None:
     first_screen = "\n".join(README.splitlines()[:15])
     assert "make run" in first_screen
     assert "make test" in first_screen
+
+
+def test_the_openai_sdk_snippet_runs_against_a_server(
+    serve: Serve, capsys: pytest.CaptureFixture[str]
+) -> None:
+    section = README.split("## OpenAI APIs", 1)[1]
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    server = serve()
+    code = snippet.replace("http://127.0.0.1:8000/v1", f"{server.url}/v1")
+    assert code != snippet
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    namespace["client"].close()
+    printed = capsys.readouterr().out
+    assert "completion_tokens=" in printed  # the usage chunk came last
+    assert len(printed) > 200  # and the replies' text before it
