@@ -60,7 +60,7 @@ import httpx
 
 from chatsse.eventstream import EventStreamParser
 from chatsse.loadgen import LoadConfig, LoadTestResult, arun_load_test
-from chatsse.loadtargets import ChatsseTarget
+from chatsse.loadtargets import ChatsseTarget, Target
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVERS = ("bare-asgi", "sse-starlette", "chatsse")
@@ -213,10 +213,11 @@ def running(name: str, env: dict[str, str], *, pin: bool) -> Iterator[ServerProc
 
 
 async def measured_run(
-    server: ServerProcess, config: LoadConfig, max_tokens: int
+    server: ServerProcess, config: LoadConfig, max_tokens: int, target: Target | None = None
 ) -> tuple[LoadTestResult, float, float]:
-    """A load test; returns it with the server's and this process's CPU seconds during it."""
-    target = ChatsseTarget(server.url, max_tokens=max_tokens)
+    """A load test (chatsse's ``/chat`` unless another target is given); returns it with the
+    server's and this process's CPU seconds during it."""
+    target = target or ChatsseTarget(server.url, max_tokens=max_tokens)
     server_before, client_before = server.cpu(), time.process_time()
     result = await arun_load_test(target, config)
     return result, server.cpu() - server_before, time.process_time() - client_before
@@ -261,20 +262,24 @@ async def cpu_per_request(server: ServerProcess, plan: Plan) -> dict[str, Any]:
     }
 
 
-async def cpu_per_event_steady(server: ServerProcess, plan: Plan) -> dict[str, Any]:
+async def cpu_per_event_steady(
+    server: ServerProcess, plan: Plan, path: str = "/chat", body: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Server CPU per event while ``steady_streams`` streams are all mid-reply, tokens paced:
     the regime of a chat server. Counted over a window that starts after every stream has
-    its first token and ends before any reply is over, so no per-request work is included."""
+    its first token and ends before any reply is over, so no per-request work is included.
+    Every event of the window is a token's (``message`` events; an OpenAI stream's data
+    lines have no ``event:`` and parse as ``message`` too)."""
     events = 0
     started = 0
-    body = {"message": "a steady stream"}
+    body = body or {"message": "a steady stream"}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
 
         async def read_stream() -> None:
             nonlocal events, started
             parser = EventStreamParser()
             first = True
-            async with http.post(server.url + "/chat", json=body) as response:
+            async with http.post(server.url + path, json=body) as response:
                 if response.status != 200:
                     raise RuntimeError(f"{server.name}: HTTP {response.status} opening a stream")
                 async for chunk in response.content.iter_any():

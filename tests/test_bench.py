@@ -51,6 +51,32 @@ def test_quick_bench_measures_every_server(tmp_path: Path) -> None:
         assert row in process.stdout
 
 
+def test_quick_openai_bench_measures_both_fronts_and_the_proxy(tmp_path: Path) -> None:
+    output = tmp_path / "bench_openai.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATSSE_")}
+    process = subprocess.run(
+        [sys.executable, str(SCRIPT.parent / "bench_openai.py"), "--quick", "--output", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        env=env,
+    )
+    assert process.returncode == 0, process.stderr
+    report = json.loads(output.read_text())
+    assert report["fronts"]["errors"] == {}
+    for front in ("/chat", "/v1/chat/completions"):
+        assert report["fronts"]["fronts"][front]["bursts_us_per_token"] > 0
+    levels = report["proxy"]["levels"]
+    assert [level["streams"] for level in levels] == list(report["plan"]["proxy_levels"])
+    for level in levels:
+        for name in ("direct", "proxy"):
+            assert level[name]["failed"] == 0
+            # The upstream's pace shows through: tokens are about its interval apart.
+            assert level[name]["itl_p50_ms"] > 0.5 * report["plan"]["proxy_interval_ms"]
+        assert level["added"]["ttft_p50_ms"] == level["proxy"]["ttft_p50_ms"] - level["direct"]["ttft_p50_ms"]
+    assert "proxy added latency (ms)" in process.stdout
+
+
 def test_median_run_keeps_the_middle_run_and_every_value() -> None:
     spec = importlib.util.spec_from_file_location("bench_server", SCRIPT)
     assert spec is not None
