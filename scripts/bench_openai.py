@@ -9,7 +9,7 @@ Real servers, real sockets (the process helpers are ``scripts/bench_server.py``'
    b. steady: ``steady_streams`` streams at 20 tokens/s, all mid-reply; server CPU / events
       over a window where every event is a token's (``cpu_per_event_steady``).
 2. The proxy's added latency: an upstream chatsse (simulated engine: 50 ms to the first token,
-   then 20 ms per token, no jitter) read directly at its ``/v1/chat/completions``, and through
+   then 20 ms per token, no jitter, 50 tokens) read directly at its ``/v1/chat/completions``, and through
    a second chatsse in front of it (``CHATSSE_ENGINE=openai``), at 1 and at 200 concurrent
    streams (closed loop). Added = through the proxy - direct, for TTFT and ITL, p50 and p99;
    rounds alternate direct and proxied runs, and the median round is reported. Both servers
@@ -51,10 +51,10 @@ class Plan:
     repeats: int = 3
     proxy_ttft_ms: float = 50.0
     proxy_interval_ms: float = 20.0
-    proxy_tokens: int = 100
+    proxy_tokens: int = 50
     proxy_levels: tuple[int, ...] = (1, 200)
     proxy_requests_per_stream: int = 3
-    proxy_min_requests: int = 40
+    proxy_min_requests: int = 20
     proxy_repeats: int = 3
 
 

@@ -513,3 +513,30 @@ def test_responses_on_text_receives_each_delta(fake_openai: tuple[FakeOpenAI, In
     assert record.ok, record.error
     assert "".join(deltas) == REPLY.format(1)
     assert len(deltas) == 5
+
+
+def test_all_three_targets_measure_chatsse_by_the_same_measure(serve: Serve) -> None:
+    """The same multi-turn load over chatsse's three fronts: every turn completes, and since
+    each protocol carries the same history (stored, resent, or chained), every turn's reply
+    has the same number of tokens whichever way it was asked."""
+    from chatsse.loadgen import LoadConfig, arun_load_test
+
+    server = serve(sim_reply_tokens_min=20, sim_reply_tokens_max=60)
+    config = LoadConfig(requests=12, concurrency=4, turns=3, messages=("How do SSE streams behave?",))
+    counts = {}
+    for target in (
+        ChatsseTarget(server.url),
+        OpenAITarget(f"{server.url}/v1"),  # the model is discovered: chatsse's GET /v1/models
+        ResponsesTarget(f"{server.url}/v1"),
+    ):
+        result = asyncio.run(arun_load_test(target, config))
+        summary = result.summary()
+        assert summary.completed == 12, (target.protocol, summary.errors_by_type)
+        assert all(r.ttft is not None for r in result.records)
+        counts[target.protocol] = sorted(
+            (r.user_id, r.turn, r.tokens, r.prompt_tokens) for r in result.records
+        )
+    assert counts["openai"] == counts["chatsse"]
+    assert counts["responses"] == counts["chatsse"]
+    stored = httpx.get(f"{server.url}/conversations").json()
+    assert stored["total"] == 2 * 4  # /chat's users and the Responses users; chat completions kept none

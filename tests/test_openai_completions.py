@@ -100,19 +100,24 @@ def test_the_raw_stream_is_data_lines_ending_with_done(serve: Serve) -> None:
 def test_the_async_sdk_streams_too(serve: Serve) -> None:
     url = serve().url
 
-    async def run() -> tuple[str, str | None]:
+    async def run() -> tuple[str, str | None, Any]:
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        parts, finish = [], None
-        stream = await client.chat.completions.create(model=MODEL, messages=ASK, stream=True, max_tokens=7)
+        parts, finish, usage = [], None, None
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=ASK, stream=True, max_tokens=7, stream_options={"include_usage": True}
+        )
         async for chunk in stream:
             if chunk.choices:
                 parts.append(chunk.choices[0].delta.content or "")
                 finish = chunk.choices[0].finish_reason or finish
+            else:
+                usage = chunk.usage
         await client.close()
-        return "".join(parts), finish
+        return "".join(parts), finish, usage
 
-    text, finish = asyncio.run(run())
+    text, finish, usage = asyncio.run(run())
     assert finish == "length"
+    assert usage.completion_tokens == 7
     expected = SimulatedEngine(TimingModel(0, 0, 0, 0)).compose(_messages(ASK))
     assert expected.startswith(text)
     assert text
