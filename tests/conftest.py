@@ -4,6 +4,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from chatsse import Settings, create_app
@@ -20,6 +21,7 @@ FAST = {
 }
 
 Serve = Callable[..., InProcessServer]
+SDK = Callable[[str], openai.OpenAI]
 
 
 @pytest.fixture
@@ -51,3 +53,18 @@ def server(serve: Serve) -> InProcessServer:
 def client(server: InProcessServer) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, timeout=10) as c:
         yield c
+
+
+@pytest.fixture
+def sdk() -> Iterator[SDK]:
+    """Clients of the official ``openai`` SDK for servers' URLs (``/v1`` added), closed after
+    the test."""
+    clients: list[openai.OpenAI] = []
+
+    def make(url: str) -> openai.OpenAI:
+        clients.append(openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30))
+        return clients[-1]
+
+    yield make
+    for client in clients:
+        client.close()

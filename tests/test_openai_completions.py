@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from conftest import Serve
+from conftest import SDK, Serve
 from httpx_sse import connect_sse
 from support import FailingEngine, RecordingEngine
 
@@ -19,23 +18,6 @@ from chatsse.engine import SimulatedEngine, TimingModel
 
 MODEL = "simulated"
 ASK = [{"role": "user", "content": "How do SSE streams behave under load?"}]
-
-
-@pytest.fixture
-def sdk() -> Iterator[Callable[[str], openai.OpenAI]]:
-    """Official SDK clients for servers' URLs, closed after the test."""
-    clients: list[openai.OpenAI] = []
-
-    def make(url: str) -> openai.OpenAI:
-        clients.append(openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30))
-        return clients[-1]
-
-    yield make
-    for client in clients:
-        client.close()
-
-
-SDK = Callable[[str], openai.OpenAI]
 
 
 def test_models_lists_the_engine(serve: Serve, sdk: SDK) -> None:

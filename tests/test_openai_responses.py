@@ -4,13 +4,12 @@ the stream's events, chains of previous_response_id, store false, retrieve and d
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from conftest import Serve
+from conftest import SDK, Serve
 from httpx_sse import connect_sse
 from support import FailingEngine, RecordingEngine
 
@@ -18,7 +17,6 @@ from chatsse.engine import SimulatedEngine, TimingModel
 from chatsse.models import Message
 
 MODEL = "simulated"
-SDK = Callable[[str], openai.OpenAI]
 STREAM_ORDER = [
     "response.created",
     "response.in_progress",
@@ -26,19 +24,6 @@ STREAM_ORDER = [
     "response.content_part.added",
 ]
 CLOSING = ["response.output_text.done", "response.content_part.done", "response.output_item.done"]
-
-
-@pytest.fixture
-def sdk() -> Iterator[SDK]:
-    clients: list[openai.OpenAI] = []
-
-    def make(url: str) -> openai.OpenAI:
-        clients.append(openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30))
-        return clients[-1]
-
-    yield make
-    for client in clients:
-        client.close()
 
 
 def stream_events(url: str, body: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:

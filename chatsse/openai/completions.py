@@ -28,7 +28,13 @@ from chatsse.errors import MessageTooLarge
 from chatsse.ids import new_id
 from chatsse.models import Message, Role
 from chatsse.openai.requests import ChatCompletionRequest
-from chatsse.openai.wire import STREAM_ERROR_STATUS, OpenAIEndpoint, check_model, openai_error_data
+from chatsse.openai.wire import (
+    STREAM_ERROR_STATUS,
+    BufferedAnswer,
+    OpenAIEndpoint,
+    check_model,
+    openai_error_data,
+)
 from chatsse.sse import dumps
 from chatsse.turns import Begun, TurnResult, Unstored, open_turn
 
@@ -82,20 +88,14 @@ class CompletionChunks:
         return f"data: {dumps(data)}\n\n".encode() + _DONE
 
 
-class CompletionBody:
+class CompletionBody(BufferedAnswer):
     """One ``chat.completion`` object (a request without ``stream``)."""
 
-    __slots__ = ("_model", "status")
+    __slots__ = ("_model",)
 
     def __init__(self, *, model: str) -> None:
+        super().__init__()
         self._model = model
-        self.status = 200
-
-    def opening(self) -> bytes:
-        return b""
-
-    def delta(self, text: str) -> bytes:
-        return b""
 
     def completed(self, result: TurnResult) -> bytes:
         choice = {
@@ -113,10 +113,6 @@ class CompletionBody:
             "usage": _usage(result),
         }
         return dumps(body).encode()
-
-    def error(self, error_type: str, message: str) -> bytes:
-        self.status = STREAM_ERROR_STATUS.get(error_type, 500)
-        return dumps(openai_error_data(self.status, error_type, message)).encode()
 
 
 class ChatCompletionsEndpoint(OpenAIEndpoint):

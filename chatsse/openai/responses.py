@@ -41,14 +41,7 @@ from chatsse.errors import (
 from chatsse.ids import new_id
 from chatsse.models import Message
 from chatsse.openai.requests import ResponsesRequest
-from chatsse.openai.wire import (
-    STREAM_ERROR_STATUS,
-    OpenAIEndpoint,
-    check_model,
-    openai_error_data,
-    parse_response_id,
-    response_id,
-)
+from chatsse.openai.wire import BufferedAnswer, OpenAIEndpoint, check_model, parse_response_id, response_id
 from chatsse.protocol import FinishReason
 from chatsse.sse import dumps
 from chatsse.turns import Begun, StoredReply, TurnResult, Unstored, open_turn
@@ -202,27 +195,17 @@ class ResponseEvents:
         return self._event("response.failed", response=failed).encode()
 
 
-class ResponseBody:
+class ResponseBody(BufferedAnswer):
     """One response object (a request without ``stream``)."""
 
-    __slots__ = ("head", "status")
+    __slots__ = ("head",)
 
     def __init__(self, head: ResponseHead) -> None:
+        super().__init__()
         self.head = head
-        self.status = 200
-
-    def opening(self) -> bytes:
-        return b""
-
-    def delta(self, text: str) -> bytes:
-        return b""
 
     def completed(self, result: TurnResult) -> bytes:
         return dumps(self.head.finished(result)).encode()
-
-    def error(self, error_type: str, message: str) -> bytes:
-        self.status = STREAM_ERROR_STATUS.get(error_type, 500)
-        return dumps(openai_error_data(self.status, error_type, message)).encode()
 
 
 def _system(text: str | None) -> list[Message]:

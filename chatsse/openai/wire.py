@@ -23,6 +23,7 @@ from chatsse.state import AppState
 __all__ = [
     "RESPONSE_PREFIX",
     "STREAM_ERROR_STATUS",
+    "BufferedAnswer",
     "OpenAIEndpoint",
     "check_model",
     "error_category",
@@ -100,6 +101,27 @@ def parse_response_id(value: str) -> tuple[str, str]:
     if not value.startswith(RESPONSE_PREFIX) or not separator or not conversation_id or not message_id:
         raise ResponseNotFound(f"Response with id '{value}' not found.")
     return conversation_id, message_id
+
+
+class BufferedAnswer:
+    """What a non-streaming request's formats share: nothing is written until the turn ends,
+    and a turn that ends in an error answers that error's status with OpenAI's error body.
+    Subclasses write ``completed``."""
+
+    __slots__ = ("status",)
+
+    def __init__(self) -> None:
+        self.status = 200
+
+    def opening(self) -> bytes:
+        return b""
+
+    def delta(self, text: str) -> bytes:
+        return b""
+
+    def error(self, error_type: str, message: str) -> bytes:
+        self.status = STREAM_ERROR_STATUS.get(error_type, 500)
+        return json.dumps(openai_error_data(self.status, error_type, message), separators=(",", ":")).encode()
 
 
 def check_model(state: AppState, model: str) -> None:
