@@ -4,6 +4,7 @@ limit, metrics and the single log line at the end of each request or stream."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -15,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chatsse.ids import new_id
 from chatsse.metrics import Metrics
-from chatsse.protocol import error_body
+from chatsse.protocol import error_body, openai_error_data
 
 __all__ = [
     "REQUEST_ID_HEADER",
@@ -64,8 +65,8 @@ class RequestContextMiddleware:
         try:
             too_large = _declared_length(scope) > self.max_body_bytes
             if too_large:
-                await _send_error(send_with_id, 413, "request_too_large",
-                                  f"request body over {self.max_body_bytes} bytes")  # fmt: skip
+                message = f"request body over {self.max_body_bytes} bytes"
+                await _send_error(send_with_id, 413, "request_too_large", message, scope["path"])
             else:
                 await self.app(scope, _limited(receive, self.max_body_bytes), send_with_id)
         finally:
@@ -136,8 +137,11 @@ def _declared_length(scope: Scope) -> int:
     return 0
 
 
-async def _send_error(send: Send, status: int, error_type: str, message: str) -> None:
-    body = error_body(error_type, message)
+async def _send_error(send: Send, status: int, error_type: str, message: str, path: str) -> None:
+    if path.startswith("/v1/"):  # the OpenAI fronts answer in OpenAI's error shape
+        body = json.dumps(openai_error_data(status, error_type, message), separators=(",", ":")).encode()
+    else:
+        body = error_body(error_type, message)
     await send(
         {
             "type": "http.response.start",

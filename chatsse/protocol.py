@@ -43,6 +43,7 @@ __all__ = [
     "error_body",
     "error_envelope",
     "event_id",
+    "openai_error_data",
     "page_constants",
     "parse_event_id",
 ]
@@ -156,6 +157,19 @@ HTTP_ERRORS: Final[dict[str, int]] = {
 def error_envelope(error_type: str, message: str, **extra: Any) -> dict[str, Any]:
     """``{"error": {"type", "message", ...}}``: every JSON error body, and OpenAI's shape."""
     return {"error": {"type": error_type, "message": message, **extra}}
+
+
+_OPENAI_CATEGORIES: Final = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+
+
+def openai_error_data(status: int, code: str, message: str, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error body, for the ``/v1`` fronts: ``type`` is the category its SDK reads,
+    ``code`` the chatsse error type."""
+    if status in _OPENAI_CATEGORIES:
+        category = _OPENAI_CATEGORIES[status]
+    else:
+        category = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": category, "param": param, "code": code}}
 
 
 def error_body(error_type: str, message: str, **extra: Any) -> bytes:

@@ -8,12 +8,15 @@ Real servers, real sockets (the process helpers are ``scripts/bench_server.py``'
       of ``concurrency`` users; server CPU / tokens (per-request work included, amortized);
    b. steady: ``steady_streams`` streams at 20 tokens/s, all mid-reply; server CPU / events
       over a window where every event is a token's (``cpu_per_event_steady``).
-2. The proxy's added latency: an upstream chatsse (simulated engine: 50 ms to the first token,
-   then 20 ms per token, no jitter, 50 tokens) read directly at its ``/v1/chat/completions``, and through
-   a second chatsse in front of it (``CHATSSE_ENGINE=openai``), at 1 and at 200 concurrent
-   streams (closed loop). Added = through the proxy - direct, for TTFT and ITL, p50 and p99;
-   rounds alternate direct and proxied runs, and the median round is reported. Both servers
-   run on core 0 and the client on core 1: with 2 cores, the proxy and its upstream share one.
+2. The proxy's added latency: an upstream chatsse (simulated engine: 50 ms to the first
+   token, then 20 ms per token, no jitter, 50 tokens) read directly at its
+   ``/v1/chat/completions``, and through a second chatsse in front of it
+   (``CHATSSE_ENGINE=openai``), at 1 and at 200 concurrent streams (closed loop; the users
+   start over one reply's time, so the streams are in every phase at once rather than all
+   starting together). Added = through the proxy - direct, for TTFT and ITL, p50 and p99;
+   rounds alternate direct and proxied runs; each figure is its median over the rounds, and
+   every round is in the JSON. Both servers run on core 0 and the client on core 1: with 2
+   cores, the proxy and its upstream share one.
 
 Usage: ``python scripts/bench_openai.py [--quick] [--output build/bench_openai.json]``
 """
@@ -103,7 +106,9 @@ def _median(runs: list[float]) -> float:
 
 
 async def front_costs(plan: Plan, pin: bool, log: Any) -> dict[str, Any]:
-    runs: dict[str, dict[str, list[float]]] = {front: {"bursts": [], "steady": []} for front in FRONTS}
+    runs: dict[str, dict[str, list[float]]] = {
+        front: {"bursts": [], "steady": [], "tokens": []} for front in FRONTS
+    }
     errors: dict[str, Any] = {}
     steady_tokens = int((1.2 * plan.steady_window + 20) * 1000 / plan.steady_interval_ms)
     for round_ in range(plan.repeats):
@@ -114,6 +119,7 @@ async def front_costs(plan: Plan, pin: bool, log: Any) -> dict[str, Any]:
             ) as server:
                 row = await bursts(server, front, plan)
             runs[front]["bursts"].append(row["server_us_per_token"])
+            runs[front]["tokens"].append(row["tokens"])
             if row["errors"]:
                 errors[front] = row["errors"]
             env = reply_env("chatsse", tokens=steady_tokens, interval_ms=plan.steady_interval_ms)
@@ -125,6 +131,7 @@ async def front_costs(plan: Plan, pin: bool, log: Any) -> dict[str, Any]:
             "steady_us_per_event": _median(r["steady"]),
             "all_bursts_us_per_token": r["bursts"],
             "all_steady_us_per_event": r["steady"],
+            "bursts_tokens": r["tokens"],
         }
         for front, r in runs.items()
     }
@@ -170,7 +177,10 @@ async def proxy_latency(plan: Plan, pin: bool, log: Any) -> dict[str, Any]:
         with running("chatsse", proxy_env, pin=pin) as proxy:
             for streams in plan.proxy_levels:
                 requests = max(plan.proxy_min_requests, plan.proxy_requests_per_stream * streams)
-                config = LoadConfig(requests=requests, concurrency=streams, timeout=120)
+                # Users start over one reply's time, so streams are in every phase at once (as
+                # on a live server), not all starting together at each round's edge.
+                reply_s = (plan.proxy_ttft_ms + (tokens - 1) * plan.proxy_interval_ms) / 1000
+                config = LoadConfig(requests=requests, concurrency=streams, ramp_up=reply_s, timeout=120)
                 rounds = []
                 for round_ in range(plan.proxy_repeats):
                     row: dict[str, Any] = {}
@@ -186,8 +196,11 @@ async def proxy_latency(plan: Plan, pin: bool, log: Any) -> dict[str, Any]:
                         if key != "failed"
                     }
                     rounds.append(row)
-                median = sorted(rounds, key=lambda r: r["added"]["ttft_p50_ms"])[(len(rounds) - 1) // 2]
-                levels.append({"streams": streams, "requests": requests, **median, "rounds": rounds})
+                medians = {
+                    name: {key: _median([r[name][key] for r in rounds]) for key in rounds[0][name]}
+                    for name in ("direct", "proxy", "added")
+                }
+                levels.append({"streams": streams, "requests": requests, **medians, "rounds": rounds})
     return {
         "upstream": {"ttft_ms": plan.proxy_ttft_ms, "interval_ms": plan.proxy_interval_ms, "tokens": tokens},
         "levels": levels,

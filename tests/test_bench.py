@@ -64,8 +64,11 @@ def test_quick_openai_bench_measures_both_fronts_and_the_proxy(tmp_path: Path) -
     assert process.returncode == 0, process.stderr
     report = json.loads(output.read_text())
     assert report["fronts"]["errors"] == {}
-    for front in ("/chat", "/v1/chat/completions"):
-        assert report["fronts"]["fronts"][front]["bursts_us_per_token"] > 0
+    plan = report["plan"]
+    for front in ("/chat", "/v1/chat/completions"):  # every token of every reply, on each front
+        assert report["fronts"]["fronts"][front]["bursts_tokens"] == [
+            plan["long_requests"] * plan["long_tokens"]
+        ]
     levels = report["proxy"]["levels"]
     assert [level["streams"] for level in levels] == list(report["plan"]["proxy_levels"])
     for level in levels:
@@ -73,7 +76,9 @@ def test_quick_openai_bench_measures_both_fronts_and_the_proxy(tmp_path: Path) -
             assert level[name]["failed"] == 0
             # The upstream's pace shows through: tokens are about its interval apart.
             assert level[name]["itl_p50_ms"] > 0.5 * report["plan"]["proxy_interval_ms"]
-        assert level["added"]["ttft_p50_ms"] == level["proxy"]["ttft_p50_ms"] - level["direct"]["ttft_p50_ms"]
+        for run in level["rounds"]:
+            assert run["added"]["ttft_p50_ms"] == run["proxy"]["ttft_p50_ms"] - run["direct"]["ttft_p50_ms"]
+        assert len(level["rounds"]) == report["plan"]["proxy_repeats"]
     assert "proxy added latency (ms)" in process.stdout
 
 

@@ -236,3 +236,15 @@ def test_not_json_is_a_400(serve: Serve) -> None:
     )
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "invalid_parameter"
+
+
+def test_a_body_over_the_size_limit_is_a_413_in_openai_shape(serve: Serve) -> None:
+    server = serve(max_message_size=100)  # the body limit is 6 x that plus 4 KiB
+    messages = [{"role": "user", "content": "x" * 10_000}]
+    response = httpx.post(f"{server.url}/v1/chat/completions", json={"model": MODEL, "messages": messages})
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    chat = httpx.post(f"{server.url}/chat", json={"message": "x" * 10_000})
+    assert chat.status_code == 413
+    assert set(chat.json()["error"]) == {"type", "message"}  # chatsse's own shape on its own route

@@ -3,7 +3,8 @@ validation-error answer.
 
 OpenAI's error body is ``{"error": {"message", "type", "param", "code"}}``: ``type`` is the
 category the SDK reads (``invalid_request_error``, ``rate_limit_error``, ``server_error``...),
-``code`` says which error; chatsse puts its own error type (chatsse/protocol.py) in ``code``.
+``code`` says which error; chatsse puts its own error type (chatsse/protocol.py) in ``code``
+(``openai_error_data``, in chatsse/protocol.py with chatsse's own envelope).
 The SDK raises by the HTTP status (``BadRequestError`` for 400, ``NotFoundError`` for 404, ...).
 """
 
@@ -18,6 +19,7 @@ from starlette.responses import Response
 
 from chatsse.endpoints import DirectEndpoint
 from chatsse.errors import ApiError, InvalidParameter, ModelNotFound, ResponseNotFound
+from chatsse.protocol import openai_error_data
 from chatsse.state import AppState
 
 __all__ = [
@@ -26,7 +28,6 @@ __all__ = [
     "BufferedAnswer",
     "OpenAIEndpoint",
     "check_model",
-    "error_category",
     "invalid_body",
     "openai_error",
     "openai_error_data",
@@ -34,7 +35,6 @@ __all__ = [
     "response_id",
 ]
 
-_CATEGORIES: Final = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
 RESPONSE_PREFIX: Final = "resp_"
 _SEPARATOR: Final = "."  # never in a conversation id (CONVERSATION_ID_PATTERN)
 # The status of a buffered (non-streaming) answer whose turn ended in an error event's type.
@@ -47,16 +47,6 @@ STREAM_ERROR_STATUS: Final = {
     "storage_error": 503,
     "turn_lost": 409,
 }
-
-
-def error_category(status: int) -> str:
-    if status in _CATEGORIES:
-        return _CATEGORIES[status]
-    return "invalid_request_error" if status < 500 else "server_error"
-
-
-def openai_error_data(status: int, code: str, message: str, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": error_category(status), "param": param, "code": code}}
 
 
 def openai_error(
