@@ -46,11 +46,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"run-model: model {llama.alias!r} at {llama.base_url} (log: {llama.log_path})", flush=True)
         env = {**os.environ, **llama.upstream_env()}
-        chatsse = subprocess.Popen([sys.executable, "-m", "chatsse", "serve", *serve_args], env=env)
+        # Its own session, like the llama server's: whatever stops this script (Ctrl-C, or a
+        # SIGTERM from a supervisor) is passed on once, so chatsse drains its streams and stops.
+        chatsse = subprocess.Popen(
+            [sys.executable, "-m", "chatsse", "serve", *serve_args], env=env, start_new_session=True
+        )
+        signal.signal(signal.SIGTERM, _interrupt)
         try:
             return chatsse.wait()
         except KeyboardInterrupt:
-            # Ctrl-C reached chatsse too (same process group): let it drain its streams and stop.
+            chatsse.send_signal(signal.SIGTERM)
             try:
                 return chatsse.wait(30)
             except (KeyboardInterrupt, subprocess.TimeoutExpired):
@@ -60,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         if llama.process is not None and llama.process.poll() is not None:
             print(f"run-model: the llama.cpp server had stopped:\n{llama.logs()[-3000:]}", file=sys.stderr)
         llama.close()  # its own session: Ctrl-C never reached it
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
