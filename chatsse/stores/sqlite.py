@@ -196,6 +196,15 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise StorageUnavailable(f"the SQLite store failed: {type(exc).__name__}: {exc}") from exc
 
+    async def run(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``operation`` on the store's connection, on its thread (for the replay log,
+        chatsse/replay/sqlite.py, which keeps its tables in the same file)."""
+        return await self._run(operation)
+
+    def run_now(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+        """The same, blocking the caller: for set-up, before the event loop runs."""
+        return self._executor.submit(operation, self._conn).result()
+
     def _times(self) -> dict[str, float]:
         now = self._clock()
         return {"now": now, "deadline": now - self.limits.ttl}

@@ -1,0 +1,191 @@
+"""One behaviour suite for every replay log (memory, SQLite in tmp_path, a real Redis), then
+what only the shared ones do: two store objects, as two workers, on one database."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis
+from redis_server import redis_server
+from support import FakeClock
+
+from chatsse.replay import Replay, ReplayLimits, ReplayLog, ReplayMeta, open_replay_log
+from chatsse.replay.memory import MemoryReplayLog
+from chatsse.stores import ConversationStore, StoreLimits, open_store
+
+KINDS = ["memory", "sqlite", "redis"]
+META = ReplayMeta("conv_1", "chat")
+REDIS_TTL = 0.5  # Redis expires on its own clock: its expiry test really waits
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    with redis_server() as server:
+        yield server.url
+
+
+@dataclass
+class Logs:
+    """Makes replay logs on the test's database (the stores they live beside too)."""
+
+    kind: str
+    url: str
+    clock: FakeClock
+    stores: list[ConversationStore] = field(default_factory=list)
+
+    def make(self, *, ttl: float = 60.0, max_items: int = 50, max_logs: int = 1000) -> ReplayLog:
+        limits = ReplayLimits(ttl=ttl, max_items=max_items, max_logs=max_logs, poll_interval=0.02)
+        store = open_store(self.url, StoreLimits(3600, 100, 100), timeout=5, clock=self.clock)
+        self.stores.append(store)
+        if self.kind == "memory":
+            return MemoryReplayLog(limits, clock=self.clock)
+        return open_replay_log(store, limits)
+
+
+@pytest.fixture(params=KINDS)
+async def logs(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Logs]:
+    kind: str = request.param
+    if kind == "memory":
+        url = "memory"
+    elif kind == "sqlite":
+        url = f"sqlite:///{tmp_path / 'chat.db'}"
+    else:
+        url = request.getfixturevalue("redis_url")
+        with redis.Redis.from_url(url) as client:
+            client.flushall()
+    made = Logs(kind, url, FakeClock())
+    yield made
+    for store in made.stores:
+        await store.close()
+
+
+async def read_all(log: ReplayLog, reply_id: str, after: int = -1) -> Replay:
+    replay = await log.read(reply_id, after)
+    assert replay is not None
+    return replay
+
+
+@pytest.mark.anyio
+async def test_items_come_back_in_order_from_any_position(logs: Logs) -> None:
+    log = logs.make()
+    await log.append("r1", 0, ["event: connected\ndata: {}\n\n"], meta=META)
+    await log.append("r1", 1, [" a", " b", " ü\n\r"], meta=META)
+    replay = await read_all(log, "r1")
+    assert (replay.first, replay.items, replay.length, replay.done) == (
+        0, ["event: connected\ndata: {}\n\n", " a", " b", " ü\n\r"], 4, False,
+    )  # fmt: skip
+    assert replay.meta == META
+    assert (await read_all(log, "r1", after=1)).items == [" b", " ü\n\r"]
+    later = await read_all(log, "r1", after=3)
+    assert (later.first, later.items, later.complete) == (4, [], False)
+    limited = await log.read("r1", 0, limit=2)
+    assert limited is not None
+    assert limited.items == [" a", " b"]
+    assert await log.read("nobody") is None
+
+
+@pytest.mark.anyio
+async def test_appends_are_idempotent_and_refuse_gaps_and_overflow(logs: Logs) -> None:
+    log = logs.make(max_items=6)
+    await log.append("r", 0, ["o", "1", "2"], meta=META)
+    await log.append("r", 1, ["1", "2"], meta=META)  # a retried flush: nothing new
+    await log.append("r", 2, ["2", "3"], meta=META)  # half old, half new
+    assert (await read_all(log, "r")).items == ["o", "1", "2", "3"]
+    with pytest.raises(ValueError, match="gap"):
+        await log.append("r", 6, ["x"], meta=META)
+    with pytest.raises(ValueError, match="6"):
+        await log.append("r", 4, ["4", "5", "6"], meta=META)
+    assert (await read_all(log, "r")).length == 4  # a refused append left nothing
+
+
+@pytest.mark.anyio
+async def test_done_completes_the_log_and_later_appends_are_ignored(logs: Logs) -> None:
+    log = logs.make()
+    await log.append("r", 0, ["open", " t"], meta=META)
+    await log.append("r", 2, ["last"], meta=META, done=True)
+    replay = await read_all(log, "r")
+    assert replay.done
+    assert replay.complete
+    await log.append("r", 3, ["more"], meta=META)
+    assert (await read_all(log, "r")).items == ["open", " t", "last"]
+    partial = await log.read("r", -1, limit=1)
+    assert partial is not None
+    assert partial.done
+    assert not partial.complete  # done, but this read did not reach the end
+
+
+@pytest.mark.anyio
+async def test_a_log_lives_ttl_after_its_last_append(logs: Logs) -> None:
+    ttl = REDIS_TTL if logs.kind == "redis" else 30.0
+    log = logs.make(ttl=ttl)
+    await log.append("r", 0, ["open"], meta=META)
+
+    async def later(seconds: float) -> None:
+        if logs.kind == "redis":
+            await asyncio.sleep(seconds)
+        else:
+            logs.clock.advance(seconds)
+
+    await later(ttl * 0.6)
+    await log.append("r", 1, [" t"], meta=META)  # an append renews its life
+    await later(ttl * 0.6)
+    assert (await read_all(log, "r")).items == ["open", " t"]
+    await later(ttl * 0.6)
+    assert await log.read("r") is None
+
+
+@pytest.mark.anyio
+async def test_a_waiting_reader_sees_the_next_append(logs: Logs) -> None:
+    log = logs.make()
+    await log.append("r", 0, ["open"], meta=META)
+
+    async def writer() -> None:
+        await asyncio.sleep(0.05)
+        await log.append("r", 1, [" t"], meta=META)
+
+    task = asyncio.create_task(writer())
+    started = time.monotonic()
+    length = 1
+    while length == 1 and time.monotonic() - started < 5:
+        await log.wait("r", length, within=1.0)
+        length = (await read_all(log, "r")).length
+    await task
+    assert length == 2
+    assert time.monotonic() - started < 1.0  # woken or polled, not the whole wait
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("logs", ["sqlite", "redis"], indirect=True)
+async def test_two_store_objects_share_their_logs_like_two_workers(logs: Logs) -> None:
+    writer, reader = logs.make(), logs.make()
+    await writer.append("r", 0, ["open", " a"], meta=META)
+    assert (await read_all(reader, "r")).items == ["open", " a"]
+    await reader.append("r", 1, [" a", " b"], meta=META, done=True)  # another worker goes on
+    replay = await read_all(writer, "r")
+    assert replay.items == ["open", " a", " b"]
+    assert replay.done
+
+
+@pytest.mark.anyio
+async def test_the_memory_log_holds_at_most_max_logs() -> None:
+    log = MemoryReplayLog(ReplayLimits(ttl=60, max_items=10, max_logs=3))
+    for n in range(5):
+        await log.append(f"r{n}", 0, ["open"], meta=META)
+    assert [await log.read(f"r{n}") is not None for n in range(5)] == [False, False, True, True, True]
+
+
+def test_limits_are_checked() -> None:
+    with pytest.raises(ValueError, match="ttl"):
+        ReplayLimits(ttl=0, max_items=10)
+    with pytest.raises(ValueError, match="max_items"):
+        ReplayLimits(ttl=1, max_items=1)
