@@ -14,7 +14,7 @@ import redis
 from redis_server import redis_server
 from support import FakeClock
 
-from chatsse.replay import Replay, ReplayLimits, ReplayLog, ReplayMeta, open_replay_log
+from chatsse.replay import Replay, ReplayLimits, ReplayLog, ReplayMeta, ReplayWrite, append, open_replay_log
 from chatsse.replay.memory import MemoryReplayLog
 from chatsse.stores import ConversationStore, StoreLimits, open_store
 
@@ -78,8 +78,8 @@ async def read_all(log: ReplayLog, reply_id: str, after: int = -1) -> Replay:
 @pytest.mark.anyio
 async def test_items_come_back_in_order_from_any_position(logs: Logs) -> None:
     log = logs.make()
-    await log.append("r1", 0, ["event: connected\ndata: {}\n\n"], meta=META)
-    await log.append("r1", 1, [" a", " b", " ü\n\r"], meta=META)
+    await append(log, "r1", 0, ["event: connected\ndata: {}\n\n"], meta=META)
+    await append(log, "r1", 1, [" a", " b", " ü\n\r"], meta=META)
     replay = await read_all(log, "r1")
     assert (replay.first, replay.items, replay.length, replay.done) == (
         0, ["event: connected\ndata: {}\n\n", " a", " b", " ü\n\r"], 4, False,
@@ -97,26 +97,26 @@ async def test_items_come_back_in_order_from_any_position(logs: Logs) -> None:
 @pytest.mark.anyio
 async def test_appends_are_idempotent_and_refuse_gaps_and_overflow(logs: Logs) -> None:
     log = logs.make(max_items=6)
-    await log.append("r", 0, ["o", "1", "2"], meta=META)
-    await log.append("r", 1, ["1", "2"], meta=META)  # a retried flush: nothing new
-    await log.append("r", 2, ["2", "3"], meta=META)  # half old, half new
+    await append(log, "r", 0, ["o", "1", "2"], meta=META)
+    await append(log, "r", 1, ["1", "2"], meta=META)  # a retried flush: nothing new
+    await append(log, "r", 2, ["2", "3"], meta=META)  # half old, half new
     assert (await read_all(log, "r")).items == ["o", "1", "2", "3"]
     with pytest.raises(ValueError, match="gap"):
-        await log.append("r", 6, ["x"], meta=META)
+        await append(log, "r", 6, ["x"], meta=META)
     with pytest.raises(ValueError, match="6"):
-        await log.append("r", 4, ["4", "5", "6"], meta=META)
+        await append(log, "r", 4, ["4", "5", "6"], meta=META)
     assert (await read_all(log, "r")).length == 4  # a refused append left nothing
 
 
 @pytest.mark.anyio
 async def test_done_completes_the_log_and_later_appends_are_ignored(logs: Logs) -> None:
     log = logs.make()
-    await log.append("r", 0, ["open", " t"], meta=META)
-    await log.append("r", 2, ["last"], meta=META, done=True)
+    await append(log, "r", 0, ["open", " t"], meta=META)
+    await append(log, "r", 2, ["last"], meta=META, done=True)
     replay = await read_all(log, "r")
     assert replay.done
     assert replay.complete
-    await log.append("r", 3, ["more"], meta=META)
+    await append(log, "r", 3, ["more"], meta=META)
     assert (await read_all(log, "r")).items == ["open", " t", "last"]
     partial = await log.read("r", -1, limit=1)
     assert partial is not None
@@ -128,7 +128,7 @@ async def test_done_completes_the_log_and_later_appends_are_ignored(logs: Logs) 
 async def test_a_log_lives_ttl_after_its_last_append(logs: Logs) -> None:
     ttl = REDIS_TTL if logs.kind == "redis" else 30.0
     log = logs.make(ttl=ttl)
-    await log.append("r", 0, ["open"], meta=META)
+    await append(log, "r", 0, ["open"], meta=META)
 
     async def later(seconds: float) -> None:
         if logs.kind == "redis":
@@ -137,7 +137,7 @@ async def test_a_log_lives_ttl_after_its_last_append(logs: Logs) -> None:
             logs.clock.advance(seconds)
 
     await later(ttl * 0.6)
-    await log.append("r", 1, [" t"], meta=META)  # an append renews its life
+    await append(log, "r", 1, [" t"], meta=META)  # an append renews its life
     await later(ttl * 0.6)
     assert (await read_all(log, "r")).items == ["open", " t"]
     await later(ttl * 0.6)
@@ -147,11 +147,11 @@ async def test_a_log_lives_ttl_after_its_last_append(logs: Logs) -> None:
 @pytest.mark.anyio
 async def test_a_waiting_reader_sees_the_next_append(logs: Logs) -> None:
     log = logs.make()
-    await log.append("r", 0, ["open"], meta=META)
+    await append(log, "r", 0, ["open"], meta=META)
 
     async def writer() -> None:
         await asyncio.sleep(0.05)
-        await log.append("r", 1, [" t"], meta=META)
+        await append(log, "r", 1, [" t"], meta=META)
 
     task = asyncio.create_task(writer())
     started = time.monotonic()
@@ -168,9 +168,9 @@ async def test_a_waiting_reader_sees_the_next_append(logs: Logs) -> None:
 @pytest.mark.parametrize("logs", ["sqlite", "redis"], indirect=True)
 async def test_two_store_objects_share_their_logs_like_two_workers(logs: Logs) -> None:
     writer, reader = logs.make(), logs.make()
-    await writer.append("r", 0, ["open", " a"], meta=META)
+    await append(writer, "r", 0, ["open", " a"], meta=META)
     assert (await read_all(reader, "r")).items == ["open", " a"]
-    await reader.append("r", 1, [" a", " b"], meta=META, done=True)  # another worker goes on
+    await append(reader, "r", 1, [" a", " b"], meta=META, done=True)  # another worker goes on
     replay = await read_all(writer, "r")
     assert replay.items == ["open", " a", " b"]
     assert replay.done
@@ -180,7 +180,7 @@ async def test_two_store_objects_share_their_logs_like_two_workers(logs: Logs) -
 async def test_the_memory_log_holds_at_most_max_logs() -> None:
     log = MemoryReplayLog(ReplayLimits(ttl=60, max_items=10, max_logs=3))
     for n in range(5):
-        await log.append(f"r{n}", 0, ["open"], meta=META)
+        await append(log, f"r{n}", 0, ["open"], meta=META)
     assert [await log.read(f"r{n}") is not None for n in range(5)] == [False, False, True, True, True]
 
 
@@ -189,3 +189,37 @@ def test_limits_are_checked() -> None:
         ReplayLimits(ttl=0, max_items=10)
     with pytest.raises(ValueError, match="max_items"):
         ReplayLimits(ttl=1, max_items=1)
+
+
+@pytest.mark.anyio
+async def test_one_batch_appends_to_many_logs_and_refuses_only_its_bad_writes(logs: Logs) -> None:
+    log = logs.make(max_items=3)
+    refused = await log.append_many(
+        [
+            ReplayWrite("a", 0, ["open", " x"], META),
+            ReplayWrite("b", 5, ["gap"], META),
+            ReplayWrite("c", 0, ["1", "2", "3", "4"], META),
+            ReplayWrite("d", 0, ["open"], META, done=True),
+        ]
+    )
+    assert [type(r).__name__ for r in refused] == ["NoneType", "ValueError", "ValueError", "NoneType"]
+    assert (await read_all(log, "a")).items == ["open", " x"]
+    assert (await read_all(log, "d")).complete
+    assert await log.read("c") is None
+
+
+@pytest.mark.anyio
+async def test_age_is_the_time_since_the_last_append_and_a_heartbeat_renews_it(logs: Logs) -> None:
+    log = logs.make(ttl=REDIS_TTL * 4 if logs.kind == "redis" else 60.0)
+    await append(log, "r", 0, ["open"], meta=META)
+    wait = 0.3
+    if logs.kind == "redis":
+        await asyncio.sleep(wait)
+    else:
+        logs.clock.advance(wait)
+    before = await read_all(log, "r")
+    assert before.age == pytest.approx(wait, abs=0.1)
+    await log.append_many([ReplayWrite("r", 1, [], META)])  # no items: a heartbeat
+    after = await read_all(log, "r")
+    assert after.age < 0.1
+    assert after.length == 1

@@ -11,10 +11,10 @@ makes the one for a store.
 
 from __future__ import annotations
 
-from chatsse.replay.base import Replay, ReplayLimits, ReplayLog, ReplayMeta
+from chatsse.replay.base import Replay, ReplayLimits, ReplayLog, ReplayMeta, ReplayWrite, append
 from chatsse.stores.base import ConversationStore
 
-__all__ = ["Replay", "ReplayLimits", "ReplayLog", "ReplayMeta", "open_replay_log"]
+__all__ = ["Replay", "ReplayLimits", "ReplayLog", "ReplayMeta", "ReplayWrite", "append", "open_replay_log"]
 
 
 def open_replay_log(store: ConversationStore, limits: ReplayLimits) -> ReplayLog:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["Replay", "ReplayLimits", "ReplayLog", "ReplayMeta"]
+__all__ = ["Replay", "ReplayLimits", "ReplayLog", "ReplayMeta", "ReplayWrite", "append"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,14 +43,28 @@ class ReplayMeta:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplayWrite:
+    """One append: ``items`` at positions ``start``, ``start + 1``, ...; ``done``: the last one
+    is the stream's last event. No items: the log's life is renewed (a writer's heartbeat)."""
+
+    reply_id: str
+    start: int
+    items: Sequence[str]
+    meta: ReplayMeta
+    done: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Replay:
-    """What a read found: ``items`` from position ``first``, of ``length`` logged so far."""
+    """What a read found: ``items`` from position ``first``, of ``length`` logged so far;
+    ``age``: seconds since the log's last append."""
 
     meta: ReplayMeta
     first: int
     items: list[str]
     length: int
     done: bool
+    age: float = 0.0
 
     @property
     def complete(self) -> bool:
@@ -61,11 +75,9 @@ class Replay:
 class ReplayLog(Protocol):
     limits: ReplayLimits
 
-    async def append(
-        self, reply_id: str, start: int, items: Sequence[str], *, meta: ReplayMeta, done: bool = False
-    ) -> None:
-        """Log ``items`` at positions ``start``, ``start + 1``, ...; ``done``: the last one
-        is the stream's last event."""
+    async def append_many(self, writes: Sequence[ReplayWrite]) -> list[ValueError | None]:
+        """Make several appends in one step of the store (one transaction, one round trip);
+        for each, the ``ValueError`` that refused it (a gap, or past ``max_items``), or None."""
         ...
 
     async def read(self, reply_id: str, after: int = -1, *, limit: int = 1000) -> Replay | None:
@@ -88,3 +100,12 @@ def _check_append(length: int, start: int, count: int, max_items: int) -> int:
     if start + count > max_items:
         raise ValueError(f"a replay log holds at most {max_items} items")
     return max(0, start + count - length)
+
+
+async def append(
+    log: ReplayLog, reply_id: str, start: int, items: Sequence[str], *, meta: ReplayMeta, done: bool = False
+) -> None:
+    """One append (:meth:`ReplayLog.append_many`); raises the ``ValueError`` that refused it."""
+    (refused,) = await log.append_many([ReplayWrite(reply_id, start, items, meta, done)])
+    if refused is not None:
+        raise refused

@@ -9,7 +9,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from chatsse.replay.base import Replay, ReplayLimits, ReplayMeta, _check_append
+from chatsse.replay.base import Replay, ReplayLimits, ReplayMeta, ReplayWrite, _check_append
 
 __all__ = ["MemoryReplayLog"]
 
@@ -41,23 +41,35 @@ class MemoryReplayLog:
             if log.grew is not None:
                 log.grew.set()
 
-    async def append(
-        self, reply_id: str, start: int, items: Sequence[str], *, meta: ReplayMeta, done: bool = False
-    ) -> None:
+    async def append_many(self, writes: Sequence[ReplayWrite]) -> list[ValueError | None]:
         now = self._clock()
         self._expire(now)
-        log = self._logs.get(reply_id)
-        if log is None:
-            log = self._logs[reply_id] = _Log(meta)
-        if log.done:
+        refused: list[ValueError | None] = []
+        for write in writes:
+            try:
+                self._append(write, now)
+            except ValueError as exc:
+                refused.append(exc)
+            else:
+                refused.append(None)
+        self._expire(now)
+        return refused
+
+    def _append(self, write: ReplayWrite, now: float) -> None:
+        log = self._logs.get(write.reply_id)
+        if log is not None and log.done:
             return
-        new = _check_append(len(log.items), start, len(items), self.limits.max_items)
+        items = write.items
+        new = _check_append(
+            0 if log is None else len(log.items), write.start, len(items), self.limits.max_items
+        )
+        if log is None:
+            log = self._logs[write.reply_id] = _Log(write.meta)
         if new:
             log.items.extend(items[len(items) - new :])
-        log.done = done
+        log.done = write.done
         log.expires_at = now + self.limits.ttl
-        self._logs.move_to_end(reply_id)
-        self._expire(now)
+        self._logs.move_to_end(write.reply_id)
         if log.grew is not None:
             log.grew.set()
             log.grew = None
@@ -68,7 +80,8 @@ class MemoryReplayLog:
         if log is None:
             return None
         first = after + 1
-        return Replay(log.meta, first, log.items[first : first + limit], len(log.items), log.done)
+        age = self._clock() - (log.expires_at - self.limits.ttl)
+        return Replay(log.meta, first, log.items[first : first + limit], len(log.items), log.done, age)
 
     async def wait(self, reply_id: str, length: int, within: float) -> None:
         log = self._logs.get(reply_id)

@@ -7,12 +7,11 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Sequence
-from typing import Any
 
 from redis.exceptions import RedisError, ResponseError
 
 from chatsse.errors import StorageUnavailable
-from chatsse.replay.base import Replay, ReplayLimits, ReplayMeta
+from chatsse.replay.base import Replay, ReplayLimits, ReplayMeta, ReplayWrite
 from chatsse.stores.redis import RedisStore
 
 __all__ = ["RedisReplayLog"]
@@ -35,11 +34,11 @@ if length > 0 then redis.call('PEXPIRE', items, ARGV[4]) end
 return length
 """
 # KEYS: facts hash, items list. ARGV: first position, last position. Returns false, or
-# {conversation_id, front, length, done, items...}.
+# {conversation_id, front, length, done, milliseconds to live, items...}.
 _READ = """
 local facts = redis.call('HMGET', KEYS[1], 'conversation_id', 'front', 'length', 'done')
 if not facts[1] then return false end
-local out = {facts[1], facts[2], facts[3], facts[4]}
+local out = {facts[1], facts[2], facts[3], facts[4], tostring(redis.call('PTTL', KEYS[1]))}
 for _, item in ipairs(redis.call('LRANGE', KEYS[2], ARGV[1], ARGV[2])) do out[#out + 1] = item end
 return out
 """
@@ -57,29 +56,40 @@ class RedisReplayLog:
     def _keys(self, reply_id: str) -> list[str]:
         return [f"{self._prefix}replay:{reply_id}", f"{self._prefix}replay-items:{reply_id}"]
 
-    async def _call(self, script: Any, reply_id: str, *args: str | int) -> Any:
+    def _args(self, write: ReplayWrite) -> list[str | int]:
+        limits, meta = self.limits, write.meta
+        head: list[str | int] = [write.start, limits.max_items, int(write.done), self._ttl_ms]
+        return [*head, meta.conversation_id, meta.front, *write.items]
+
+    async def append_many(self, writes: Sequence[ReplayWrite]) -> list[ValueError | None]:
         try:
-            return await script(self._keys(reply_id), list(args))
-        except ResponseError as exc:
-            if str(exc).startswith("replay "):
-                raise ValueError(str(exc)) from None
-            raise StorageUnavailable(f"the Redis replay log failed: {exc}") from exc
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for write in writes:
+                    await self._append(self._keys(write.reply_id), self._args(write), client=pipe)
+                results = await pipe.execute(raise_on_error=False)
         except RedisError as exc:
             raise StorageUnavailable(f"the Redis replay log failed: {type(exc).__name__}: {exc}") from exc
-
-    async def append(
-        self, reply_id: str, start: int, items: Sequence[str], *, meta: ReplayMeta, done: bool = False
-    ) -> None:
-        args: list[str | int] = [start, self.limits.max_items, int(done), self._ttl_ms]
-        await self._call(self._append, reply_id, *args, meta.conversation_id, meta.front, *items)
+        refused: list[ValueError | None] = []
+        for result in results:
+            if isinstance(result, ResponseError) and str(result).startswith("replay "):
+                refused.append(ValueError(str(result)))
+            elif isinstance(result, Exception):
+                raise StorageUnavailable(f"the Redis replay log failed: {result}")
+            else:
+                refused.append(None)
+        return refused
 
     async def read(self, reply_id: str, after: int = -1, *, limit: int = 1000) -> Replay | None:
         first = after + 1
-        found = await self._call(self._read, reply_id, first, first + limit - 1)
+        try:
+            found = await self._read(self._keys(reply_id), [first, first + limit - 1])
+        except RedisError as exc:
+            raise StorageUnavailable(f"the Redis replay log failed: {type(exc).__name__}: {exc}") from exc
         if not found:
             return None
-        conversation_id, front, length, done, *items = found
-        return Replay(ReplayMeta(conversation_id, front), first, items, int(length), done == "1")
+        conversation_id, front, length, done, to_live, *items = found
+        age = max(0.0, self.limits.ttl - int(to_live) / 1000)
+        return Replay(ReplayMeta(conversation_id, front), first, items, int(length), done == "1", age)
 
     async def wait(self, reply_id: str, length: int, within: float) -> None:
         await asyncio.sleep(min(within, self.limits.poll_interval))

@@ -7,7 +7,7 @@ import asyncio
 import sqlite3
 from collections.abc import Callable, Sequence
 
-from chatsse.replay.base import Replay, ReplayLimits, ReplayMeta, _check_append
+from chatsse.replay.base import Replay, ReplayLimits, ReplayMeta, ReplayWrite, _check_append
 from chatsse.stores.sqlite import SQLiteStore, _transaction
 
 __all__ = ["SQLiteReplayLog"]
@@ -38,6 +38,27 @@ def _create(conn: sqlite3.Connection) -> None:
                 conn.execute(statement)
 
 
+def _write(conn: sqlite3.Connection, write: ReplayWrite, now: float, limits: ReplayLimits) -> None:
+    row = conn.execute(
+        "SELECT length, done FROM replay_logs WHERE reply_id = ?", (write.reply_id,)
+    ).fetchone()
+    length, finished = (0, 0) if row is None else row
+    if finished:
+        return
+    items = write.items
+    new = _check_append(length, write.start, len(items), limits.max_items)
+    meta = write.meta
+    conn.execute(
+        "INSERT INTO replay_logs VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (reply_id) DO UPDATE"
+        " SET length = excluded.length, done = excluded.done, expires_at = excluded.expires_at",
+        (write.reply_id, meta.conversation_id, meta.front, length + new, int(write.done), now + limits.ttl),
+    )
+    conn.executemany(
+        "INSERT INTO replay_items VALUES (?, ?, ?)",
+        [(write.reply_id, length + i, item) for i, item in enumerate(items[len(items) - new :])],
+    )
+
+
 class SQLiteReplayLog:
     """Each append is one ``BEGIN IMMEDIATE`` transaction that also deletes expired logs;
     a waiting reader looks again every ``poll_interval`` (other processes write the file)."""
@@ -50,34 +71,24 @@ class SQLiteReplayLog:
         self._clock = clock or store._clock
         store.run_now(_create)
 
-    async def append(
-        self, reply_id: str, start: int, items: Sequence[str], *, meta: ReplayMeta, done: bool = False
-    ) -> None:
+    async def append_many(self, writes: Sequence[ReplayWrite]) -> list[ValueError | None]:
         now = self._clock()
         limits = self.limits
 
-        def write(conn: sqlite3.Connection) -> None:
+        def write_all(conn: sqlite3.Connection) -> list[ValueError | None]:
             with _transaction(conn, "IMMEDIATE"):
                 conn.execute("DELETE FROM replay_logs WHERE expires_at <= ?", (now,))
-                row = conn.execute(
-                    "SELECT length, done FROM replay_logs WHERE reply_id = ?", (reply_id,)
-                ).fetchone()
-                length, finished = (0, 0) if row is None else row
-                if finished:
-                    return
-                new = _check_append(length, start, len(items), limits.max_items)
-                conn.execute(
-                    "INSERT INTO replay_logs VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (reply_id) DO UPDATE"
-                    " SET length = excluded.length, done = excluded.done, expires_at = excluded.expires_at",
-                    (reply_id, meta.conversation_id, meta.front, length + new, int(done), now + limits.ttl),
-                )
-                fresh = items[len(items) - new :]
-                conn.executemany(
-                    "INSERT INTO replay_items VALUES (?, ?, ?)",
-                    [(reply_id, length + i, item) for i, item in enumerate(fresh)],
-                )
+                refused: list[ValueError | None] = []
+                for write in writes:
+                    try:
+                        _write(conn, write, now, limits)
+                    except ValueError as exc:
+                        refused.append(exc)
+                    else:
+                        refused.append(None)
+                return refused
 
-        await self._store.run(write)
+        return await self._store.run(write_all)
 
     async def read(self, reply_id: str, after: int = -1, *, limit: int = 1000) -> Replay | None:
         now = self._clock()
@@ -85,7 +96,7 @@ class SQLiteReplayLog:
         def load(conn: sqlite3.Connection) -> Replay | None:
             with _transaction(conn, "DEFERRED"):
                 row = conn.execute(
-                    "SELECT conversation_id, front, length, done FROM replay_logs"
+                    "SELECT conversation_id, front, length, done, expires_at FROM replay_logs"
                     " WHERE reply_id = ? AND expires_at > ?",
                     (reply_id, now),
                 ).fetchone()
@@ -96,10 +107,9 @@ class SQLiteReplayLog:
                     " ORDER BY position LIMIT ?",
                     (reply_id, after, limit),
                 ).fetchall()
-            conversation_id, front, length, done = row
-            return Replay(
-                ReplayMeta(conversation_id, front), after + 1, [i for (i,) in items], length, bool(done)
-            )
+            conversation_id, front, length, done, expires_at = row
+            meta, age = ReplayMeta(conversation_id, front), now - (expires_at - self.limits.ttl)
+            return Replay(meta, after + 1, [i for (i,) in items], length, bool(done), age)
 
         return await self._store.run(load)
 
