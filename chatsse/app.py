@@ -28,7 +28,10 @@ from chatsse.logs import configure_logging, get_logger
 from chatsse.metrics import Metrics
 from chatsse.middleware import RequestContextMiddleware
 from chatsse.openai import add_openai_routes
+from chatsse.replay import ReplayLimits, open_replay_log
+from chatsse.replay.recorder import ReplayRecorder
 from chatsse.responses import api_error, invalid_request, json_error
+from chatsse.resume import add_resume_route
 from chatsse.routes import add_routes
 from chatsse.settings import Settings, load_settings
 from chatsse.sse import BODY_SEND_SCOPE_KEY
@@ -104,7 +107,15 @@ def create_app(
     metrics = Metrics()
     manager = ConversationManager(store, max_history=settings.max_history_length, timeout=deadlines.store)
     lifecycle = Lifecycle(deadlines, max_streams=settings.max_streams_per_worker, gauge=metrics.open_streams)
-    state = AppState(settings, deadlines, engine, manager, metrics, lifecycle)
+    replay_limits = ReplayLimits(
+        ttl=settings.replay_ttl,
+        max_items=settings.max_reply_tokens + 2,  # the opening, the tokens, the last event
+        max_logs=settings.max_conversations,
+        poll_interval=settings.replay_flush_interval,
+    )
+    replay = open_replay_log(store, replay_limits)
+    recorder = ReplayRecorder(replay, interval=settings.replay_flush_interval)
+    state = AppState(settings, deadlines, engine, manager, metrics, lifecycle, replay, recorder)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -112,6 +123,7 @@ def create_app(
             yield
         finally:
             await lifecycle.aclose()  # bounded by the drain's own deadlines
+            await recorder.aclose(within=deadlines.store)  # the streams' last items, before the store closes
             for step, bound in ((engine.aclose, deadlines.token_gap), (manager.aclose, 2 * deadlines.store)):
                 try:
                     async with asyncio.timeout(bound):
@@ -124,6 +136,7 @@ def create_app(
     _add_error_handlers(app)
     add_chat_route(app, state)
     add_openai_routes(app, state)
+    add_resume_route(app, state)
     add_routes(app, state)
     if settings.cors_origins:
         app.add_middleware(

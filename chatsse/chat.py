@@ -40,12 +40,18 @@ from chatsse.turns import Begun, StoredReply, TurnResult, open_turn
 if TYPE_CHECKING:
     from chatsse.app import ChatsseApp
 
-__all__ = ["ChatEndpoint", "ChatEvents", "add_chat_route"]
+__all__ = ["FRONT", "ChatEndpoint", "ChatEvents", "add_chat_route", "message_event"]
 
 _escape: Callable[[str], str] = json.encoder.encode_basestring
 # The fixed text of a message event after its id, from the protocol's names.
 (_DELTA_KEY,) = protocol.MessageData.__annotations__
 _MESSAGE_HEAD: Final = f'\nevent: {protocol.MESSAGE}\ndata: {{"{_DELTA_KEY}":'
+FRONT: Final = "chat"  # the name its replay logs carry (chatsse/replay/)
+
+
+def message_event(message_id: str, position: int, text: str) -> bytes:
+    """A ``message`` event, as :meth:`ChatEvents.delta` writes it (a resumed stream's too)."""
+    return f"id: {protocol.event_id(message_id, position)}{_MESSAGE_HEAD}{_escape(text)}}}\n\n".encode()
 
 
 class ChatEvents:
@@ -78,6 +84,7 @@ class ChatEvents:
             "message_id": turn.reply_id,
             "model": self._model,
             "created": turn.user_message.created_at,
+            "resume_url": protocol.resume_path(turn.conversation_id, turn.reply_id),
         }
         return self._event(protocol.CONNECTED, data, retry=self._retry_ms)
 
@@ -158,6 +165,7 @@ class ChatEndpoint(DirectEndpoint):
             reply_format=events,
             max_tokens=min(body.max_tokens or settings.max_reply_tokens, settings.max_reply_tokens),
             options=DEFAULT_OPTIONS,
+            replay_front=FRONT if settings.replay_log else None,
         )
 
 

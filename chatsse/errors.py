@@ -21,6 +21,8 @@ __all__ = [
     "InvalidParameter",
     "MessageTooLarge",
     "ModelNotFound",
+    "ReplayExpired",
+    "ReplayNotFound",
     "ResponseNotFound",
     "ResponseNotLatest",
     "ServerBusy",
@@ -155,3 +157,15 @@ class UpstreamUnavailable(ApiError):
 
 class UpstreamTimeout(ApiError):
     type = "upstream_timeout"
+
+
+class ReplayNotFound(ApiError):
+    """No reply stream by that id in that conversation (or a Last-Event-ID of another one)."""
+
+    type = "replay_not_found"
+
+
+class ReplayExpired(ApiError):
+    """The reply is stored, but its replay log is gone (``CHATSSE_REPLAY_TTL``)."""
+
+    type = "replay_expired"

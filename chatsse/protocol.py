@@ -30,7 +30,10 @@ __all__ = [
     "EVENT_DATA",
     "HTTP_ERRORS",
     "ID_SEPARATOR",
+    "INTERRUPTED",
     "MESSAGE",
+    "RESUME_ERRORS",
+    "STREAM_LOST",
     "CompletedData",
     "ConnectedData",
     "Ending",
@@ -46,6 +49,7 @@ __all__ = [
     "openai_error_data",
     "page_constants",
     "parse_event_id",
+    "resume_path",
 ]
 
 # --- events, in stream order ---------------------------------------------------------------
@@ -67,6 +71,7 @@ class ConnectedData(TypedDict):
     message_id: str  # the reply's id, the stream's id
     model: str
     created: float  # Unix time of the user message
+    resume_url: str  # GET it, with Last-Event-ID, to resume this stream (on any worker)
 
 
 class MessageData(TypedDict):
@@ -124,6 +129,11 @@ def parse_event_id(value: str) -> tuple[str, int]:
     return message_id, int(position)
 
 
+def resume_path(conversation_id: str, message_id: str) -> str:
+    """Where a reply's stream can be resumed: ``GET`` with ``Last-Event-ID``."""
+    return f"/conversations/{conversation_id}/messages/{message_id}/events"
+
+
 # --- errors before a stream: HTTP status and JSON envelope ----------------------------------
 
 HTTP_ERRORS: Final[dict[str, int]] = {
@@ -140,6 +150,9 @@ HTTP_ERRORS: Final[dict[str, int]] = {
     "shutting_down": 503,
     "storage_unavailable": 503,
     "internal_error": 500,
+    # Resuming a stream (GET /conversations/{id}/messages/{message_id}/events)
+    "replay_not_found": 404,
+    "replay_expired": 410,
     # The OpenAI fronts (chatsse/openai/), and an upstream model (chatsse/upstream.py)
     "invalid_parameter": 400,
     "model_not_found": 404,
@@ -235,6 +248,14 @@ ENDINGS: Final[dict[Outcome, Ending]] = {
 assert set(ENDINGS) == set(get_args(Outcome))
 
 
+# The last event of a resumed stream (GET .../events) whose reply did not send one of its own.
+INTERRUPTED: Final = "interrupted"
+"""``error`` type: the client streaming the reply went away and the reply stopped there."""
+STREAM_LOST: Final = "stream_lost"
+"""``error`` type: the worker streaming the reply stopped writing it (it died, or lost its store)."""
+RESUME_ERRORS: Final = (INTERRUPTED, STREAM_LOST)
+
+
 def page_constants() -> dict[str, Any]:
     """What the chat page's script needs, generated into the page (chatsse/routes.py)."""
     return {
@@ -245,5 +266,5 @@ def page_constants() -> dict[str, Any]:
             "usage": sorted(Usage.__annotations__),
             "timings": sorted(Timings.__annotations__),
         },
-        "streamErrors": sorted({e.error_type for e in ENDINGS.values() if e.error_type}),
+        "streamErrors": sorted({e.error_type for e in ENDINGS.values() if e.error_type} | set(RESUME_ERRORS)),
     }

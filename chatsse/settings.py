@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     conversation_ttl: float = Field(3600.0, gt=0)
     max_conversations: int = Field(10_000, ge=1)
     max_conversation_messages: int = Field(1000, ge=2)
+    replay_log: bool = True
+    replay_ttl: float = Field(300.0, gt=0)
+    replay_flush_interval: float = Field(0.5, gt=0, le=10)
 
     # Engine: the simulated model, or an OpenAI-compatible upstream (chatsse/upstream.py)
     engine: Literal["simulated", "openai"] = "simulated"

@@ -10,6 +10,8 @@ from chatsse.deadlines import Deadlines
 from chatsse.engine import Engine
 from chatsse.lifecycle import Lifecycle
 from chatsse.metrics import Metrics
+from chatsse.replay import ReplayLog
+from chatsse.replay.recorder import ReplayRecorder
 from chatsse.settings import Settings
 
 __all__ = ["AppState"]
@@ -23,4 +25,6 @@ class AppState:
     manager: ConversationManager
     metrics: Metrics
     lifecycle: Lifecycle
+    replay: ReplayLog
+    recorder: ReplayRecorder
     started_at: float = field(default_factory=time.time)

@@ -39,9 +39,14 @@ from chatsse.logs import get_logger
 from chatsse.metrics import Metrics
 from chatsse.middleware import SCOPE_ARRIVED, SCOPE_LOG_FIELDS
 from chatsse.models import Message
-from chatsse.protocol import ENDINGS, FinishReason, Outcome
+from chatsse.protocol import ENDINGS, INTERRUPTED, FinishReason, Outcome
+from chatsse.replay import ReplayMeta
+from chatsse.replay.recorder import Recording, ReplayRecorder
 from chatsse.sse import CollectedResponse, Emit, EventStreamResponse
 from chatsse.state import AppState
+
+# Where a stream is recorded for resumption: the app's recorder, the reply's id, whose it is.
+RecordingPlan = tuple[ReplayRecorder, str, ReplayMeta]
 
 __all__ = [
     "Begun",
@@ -142,10 +147,13 @@ async def open_turn(
     max_tokens: int,
     options: GenerationOptions,
     buffered: bool = False,
+    replay_front: str | None = None,
 ) -> Response:
     """Admit a stream, begin its turn, start the engine; the response that streams it (or,
     ``buffered``, that answers it in one body when it ends). An ``ApiError`` on the way is
-    counted as a rejection and raised for the front to answer; what was begun is undone."""
+    counted as a rejection and raised for the front to answer; what was begun is undone.
+    ``replay_front``: record the stream in the replay log under that front's name (a stored
+    turn only), so a client can resume it (chatsse/replay/)."""
     lifecycle = state.lifecycle
     try:
         slot = lifecycle.admit()
@@ -165,6 +173,10 @@ async def open_turn(
         state.metrics.reject(exc.type)
         raise
     writer = reply_format(begun)
+    recording: RecordingPlan | None = None
+    if replay_front is not None and isinstance(begun.reply, StoredReply):
+        turn = begun.reply.turn
+        recording = (state.recorder, turn.reply_id, ReplayMeta(turn.conversation_id, replay_front))
     stream = TurnStream(
         generation=generation,
         reply=begun.reply,
@@ -174,6 +186,7 @@ async def open_turn(
         metrics=state.metrics,
         arrived=scope.get(SCOPE_ARRIVED, time.perf_counter()),
         log_fields=scope.get(SCOPE_LOG_FIELDS, {}),
+        recording=recording,
     )
     if buffered:
         return CollectedResponse(stream, slot, lambda: writer.status)
@@ -184,8 +197,9 @@ class TurnStream:
     """The producer of one turn's event stream (see the module docstring)."""
 
     __slots__ = (
-        "_closed", "_generated", "_stored", "arrived", "final_event", "first_token_at", "format",
-        "generation", "lifecycle", "log_fields", "metrics", "opened", "outcome", "parts", "reply", "slot",
+        "_closed", "_generated", "_plan", "_stored", "arrived", "final_event", "first_token_at", "format",
+        "generation", "lifecycle", "log_fields", "metrics", "opened", "outcome", "parts", "recording",
+        "reply", "slot",
     )  # fmt: skip
 
     def __init__(
@@ -199,8 +213,11 @@ class TurnStream:
         metrics: Metrics,
         arrived: float,
         log_fields: dict[str, Any],
+        recording: RecordingPlan | None = None,
     ) -> None:
         self.generation = generation
+        self._plan = recording
+        self.recording: Recording | None = None
         self.reply = reply
         self.slot = slot
         self.lifecycle = lifecycle
@@ -228,10 +245,15 @@ class TurnStream:
         slot = self.slot
         slot.phase = WRITING
         try:
-            await emit(self.format.opening())
+            opening = self.format.opening()
+            await emit(opening)
         except Exception as exc:
             return await self._failed("internal_error", exc)
         self.opened = True
+        plan = self._plan
+        if plan is not None:
+            recorder, reply_id, meta = plan
+            self.recording = recorder.start(reply_id, meta, opening.decode(), self.parts)
         generation = self.generation
         next_batch, encode = generation.__anext__, self.format.delta
         send, append = slot.body_send, self.parts.append
@@ -289,6 +311,7 @@ class TurnStream:
                 await self._end_generation()
                 await self._store("interrupted")
         finally:
+            self._end_recording()
             self.lifecycle.release(self.slot)
             self._record()
 
@@ -375,8 +398,19 @@ class TurnStream:
         self.log_fields["error"] = error_type
         return self._last(self.format.error(error_type, message))
 
+    def _end_recording(self) -> None:
+        """A recorded stream that sent no last event (its client went away) ends its log with
+        one, for a client that resumes it."""
+        recording, plan = self.recording, self._plan
+        if recording is None or plan is None or recording.final is not None:
+            return
+        meaning = ENDINGS[self.outcome or "client_disconnected"].meaning
+        plan[0].finish(recording, self.format.error(INTERRUPTED, meaning).decode())
+
     def _last(self, event: bytes) -> bytes:
         self.final_event = True
+        if self.recording is not None and self._plan is not None:
+            self._plan[0].finish(self.recording, event.decode())
         return event
 
     def _record(self) -> None:

@@ -50,6 +50,7 @@ def test_stream_ids_count_from_zero_across_all_events() -> None:
     assert json.loads(events[0].data) == {
         "conversation_id": "conv1", "user_message_id": "msg_user", "message_id": STREAM_ID,
         "model": "simulated", "created": 12.5,
+        "resume_url": f"/conversations/conv1/messages/{STREAM_ID}/events",
     }  # fmt: skip
     assert [json.loads(e.data) for e in events[1:4]] == [
         {"delta": "Hello"},
@@ -167,3 +168,11 @@ def test_delta_stream_parses_the_same_in_any_chunking(text: str, size: int) -> N
     assert utf8.decode(b"", final=True) == ""
     assert [(e.id, e.data) for e in events] == [(e.id, e.data) for e in whole]
     assert [json.loads(e.data)["delta"] for e in events] == [text, text[::-1]]
+
+
+def test_message_event_writes_what_delta_writes() -> None:
+    from chatsse.chat import message_event
+
+    enc = encoder()
+    enc.opening()
+    assert enc.delta(' a "quoted"\n') == message_event(STREAM_ID, 1, ' a "quoted"\n')

@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -212,7 +213,7 @@ async def test_one_batch_appends_to_many_logs_and_refuses_only_its_bad_writes(lo
 async def test_age_is_the_time_since_the_last_append_and_a_heartbeat_renews_it(logs: Logs) -> None:
     log = logs.make(ttl=REDIS_TTL * 4 if logs.kind == "redis" else 60.0)
     await append(log, "r", 0, ["open"], meta=META)
-    wait = 0.3
+    wait = 0.3 if logs.kind == "redis" else 2.0  # past the SQLite log's renewal period (a second)
     if logs.kind == "redis":
         await asyncio.sleep(wait)
     else:
@@ -223,3 +224,40 @@ async def test_age_is_the_time_since_the_last_append_and_a_heartbeat_renews_it(l
     after = await read_all(log, "r")
     assert after.age < 0.1
     assert after.length == 1
+
+
+class GatedLog(MemoryReplayLog):
+    """A memory log whose writes wait at a gate: a write can be held on its way."""
+
+    def __init__(self) -> None:
+        super().__init__(ReplayLimits(ttl=60, max_items=100))
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def append_many(self, writes: Any) -> Any:
+        await self.gate.wait()
+        return await super().append_many(writes)
+
+
+@pytest.mark.anyio
+async def test_the_recorder_writes_a_stream_that_ends_while_a_write_is_on_its_way() -> None:
+    from chatsse.replay.recorder import ReplayRecorder
+
+    log = GatedLog()
+    recorder = ReplayRecorder(log, interval=0.01)
+    parts: list[str] = []
+    recording = recorder.start("r", META, "open", parts)
+    parts += [" a", " b"]
+    log.gate.clear()
+    flushing = asyncio.create_task(recorder.flush())
+    await asyncio.sleep(0.02)  # the write of the opening and two tokens waits at the gate
+    parts.append(" c")
+    recorder.finish(recording, "last")  # the stream ends meanwhile
+    log.gate.set()
+    await flushing
+    deadline = time.monotonic() + 2
+    while not (replay := await read_all(log, "r")).done and time.monotonic() < deadline:
+        await log.wait("r", replay.length, within=0.05)
+    assert replay.items == ["open", " a", " b", " c", "last"]
+    assert replay.complete
+    await recorder.aclose(within=1)

@@ -57,7 +57,8 @@ class ReplayWrite:
 @dataclass(frozen=True, slots=True)
 class Replay:
     """What a read found: ``items`` from position ``first``, of ``length`` logged so far;
-    ``age``: seconds since the log's last append."""
+    ``age``: seconds since the log's last append (the SQLite log's may be up to a second more:
+    it renews a log's life at most once a second)."""
 
     meta: ReplayMeta
     first: int

@@ -1,5 +1,6 @@
 """Replay logs in the Redis of the conversations (``CHATSSE_STORE=redis://...``): a hash of
-facts and a list of items per reply, written and read by Lua scripts (one atomic step each),
+facts and a list of items per reply, written and read by Lua scripts (one atomic step, one
+round trip each: a batch of appends to many logs is one script call),
 expiring on Redis's own clock. Readers on any machine look again every ``poll_interval``."""
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ import asyncio
 import math
 from collections.abc import Sequence
 
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from chatsse.errors import StorageUnavailable
 from chatsse.replay.base import Replay, ReplayLimits, ReplayMeta, ReplayWrite
@@ -16,22 +17,35 @@ from chatsse.stores.redis import RedisStore
 
 __all__ = ["RedisReplayLog"]
 
-# KEYS: facts hash, items list. ARGV: start, max_items, done, ttl_ms, conversation_id, front,
-# then the items. Returns the log's length.
+# Many appends in one call. KEYS: a facts hash and an items list per log. ARGV: max_items,
+# ttl_ms, then per log: start, done, conversation_id, front, the number of items, the items.
+# Returns, per log, its length, -1 if it was complete already, or an error message.
 _APPEND = """
-local facts, items = KEYS[1], KEYS[2]
-if redis.call('HGET', facts, 'done') == '1' then return -1 end
-local length = tonumber(redis.call('HGET', facts, 'length') or '0')
-local start, max_items = tonumber(ARGV[1]), tonumber(ARGV[2])
-local count = #ARGV - 6
-if start > length then return redis.error_reply('replay gap: at ' .. start .. ' after ' .. length) end
-if start + count > max_items then return redis.error_reply('replay full: ' .. max_items .. ' items') end
-for i = length - start + 1, count do redis.call('RPUSH', items, ARGV[6 + i]) end
-length = math.max(length, start + count)
-redis.call('HSET', facts, 'length', length, 'done', ARGV[3], 'conversation_id', ARGV[5], 'front', ARGV[6])
-redis.call('PEXPIRE', facts, ARGV[4])
-if length > 0 then redis.call('PEXPIRE', items, ARGV[4]) end
-return length
+local max_items, ttl = tonumber(ARGV[1]), ARGV[2]
+local out, at = {}, 3
+for k = 1, #KEYS, 2 do
+  local facts, items = KEYS[k], KEYS[k + 1]
+  local start, done, count = tonumber(ARGV[at]), ARGV[at + 1], tonumber(ARGV[at + 4])
+  local first = at + 5
+  at = first + count
+  local length = tonumber(redis.call('HGET', facts, 'length') or '0')
+  if redis.call('HGET', facts, 'done') == '1' then
+    out[#out + 1] = -1
+  elseif start > length then
+    out[#out + 1] = 'replay gap: at ' .. start .. ' after ' .. length
+  elseif start + count > max_items then
+    out[#out + 1] = 'replay full: ' .. max_items .. ' items'
+  else
+    for i = first + length - start, first + count - 1 do redis.call('RPUSH', items, ARGV[i]) end
+    length = math.max(length, start + count)
+    redis.call('HSET', facts, 'length', length, 'done', done, 'conversation_id', ARGV[first - 3],
+               'front', ARGV[first - 2])
+    redis.call('PEXPIRE', facts, ttl)
+    if length > 0 then redis.call('PEXPIRE', items, ttl) end
+    out[#out + 1] = length
+  end
+end
+return out
 """
 # KEYS: facts hash, items list. ARGV: first position, last position. Returns false, or
 # {conversation_id, front, length, done, milliseconds to live, items...}.
@@ -56,28 +70,25 @@ class RedisReplayLog:
     def _keys(self, reply_id: str) -> list[str]:
         return [f"{self._prefix}replay:{reply_id}", f"{self._prefix}replay-items:{reply_id}"]
 
-    def _args(self, write: ReplayWrite) -> list[str | int]:
-        limits, meta = self.limits, write.meta
-        head: list[str | int] = [write.start, limits.max_items, int(write.done), self._ttl_ms]
-        return [*head, meta.conversation_id, meta.front, *write.items]
-
     async def append_many(self, writes: Sequence[ReplayWrite]) -> list[ValueError | None]:
+        keys: list[str] = []
+        args: list[str | int] = [self.limits.max_items, self._ttl_ms]
+        for write in writes:
+            keys += self._keys(write.reply_id)
+            meta = write.meta
+            args += [
+                write.start,
+                int(write.done),
+                meta.conversation_id,
+                meta.front,
+                len(write.items),
+                *write.items,
+            ]
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for write in writes:
-                    await self._append(self._keys(write.reply_id), self._args(write), client=pipe)
-                results = await pipe.execute(raise_on_error=False)
+            results = await self._append(keys, args)
         except RedisError as exc:
             raise StorageUnavailable(f"the Redis replay log failed: {type(exc).__name__}: {exc}") from exc
-        refused: list[ValueError | None] = []
-        for result in results:
-            if isinstance(result, ResponseError) and str(result).startswith("replay "):
-                refused.append(ValueError(str(result)))
-            elif isinstance(result, Exception):
-                raise StorageUnavailable(f"the Redis replay log failed: {result}")
-            else:
-                refused.append(None)
-        return refused
+        return [ValueError(result) if isinstance(result, str) else None for result in results]
 
     async def read(self, reply_id: str, after: int = -1, *, limit: int = 1000) -> Replay | None:
         first = after + 1

@@ -1,0 +1,264 @@
+"""Resuming a POST /chat stream from its replay log (GET <resume_url> with Last-Event-ID),
+through real servers: in one process, and across the workers of a real gunicorn on SQLite
+and on Redis, with a producer killed by SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import Serve
+from httpx_sse import ServerSentEvent, connect_sse
+from redis_server import RedisServer, redis_server
+from support import chat, wait_for
+
+from chatsse.processes import GunicornServer
+
+SLOW = {"sim_ttft_ms": 0, "sim_token_interval_ms": 20, "sim_reply_tokens_min": 60, "sim_reply_tokens_max": 60}
+
+
+def resume(
+    client: httpx.Client, url: str, last_event_id: str | None = None, **params: str
+) -> list[ServerSentEvent]:
+    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+    with connect_sse(client, "GET", url, headers=headers, params=params) as source:
+        assert source.response.status_code == 200, source.response.read()
+        return list(source.iter_sse())
+
+
+def triples(events: list[ServerSentEvent]) -> list[tuple[str, str, str]]:
+    return [(e.id, e.event, e.data) for e in events]
+
+
+def deltas(events: list[ServerSentEvent]) -> str:
+    return "".join(json.loads(e.data)["delta"] for e in events if e.event == "message")
+
+
+def test_a_finished_stream_replays_the_same_events_from_any_point(serve: Serve) -> None:
+    server = serve()
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        first = chat(client, "tell me about resuming")
+        url = first.data("connected")["resume_url"]
+        assert triples(resume(client, url)) == triples(first.events)  # no Last-Event-ID: all of it
+        for cut in (0, 1, len(first.events) // 2, len(first.events) - 2):
+            again = resume(client, url, first.events[cut].id)
+            assert triples(again) == triples(first.events[cut + 1 :])
+        assert resume(client, url, first.events[-1].id) == []  # after the end: nothing, and it closes
+        by_query = resume(client, url, last_event_id=first.events[3].id)
+        assert triples(by_query) == triples(first.events[4:])
+
+
+def test_a_second_reader_follows_a_reply_that_is_still_streaming(serve: Serve) -> None:
+    server = serve(**SLOW)  # 60 tokens, 20 ms apart
+    seen: dict[str, Any] = {}
+    got_connected = threading.Event()
+
+    def stream() -> None:
+        with httpx.Client(base_url=server.url, timeout=20) as client:
+            body = {"message": "a long reply please"}
+            with connect_sse(client, "POST", "/chat", json=body) as source:
+                events = []
+                for event in source.iter_sse():
+                    events.append(event)
+                    if event.event == "connected":
+                        seen["connected"] = json.loads(event.data)
+                        got_connected.set()
+                seen["events"] = events
+
+    producer = threading.Thread(target=stream)
+    producer.start()
+    assert got_connected.wait(10)
+    time.sleep(0.3)  # well into the reply
+    with httpx.Client(base_url=server.url, timeout=20) as client:
+        followed = resume(client, seen["connected"]["resume_url"], f"{seen['connected']['message_id']}:3")
+    producer.join(20)
+    original = seen["events"]
+    assert triples(followed) == triples(original[4:])
+    assert followed[-1].event == "completed"
+
+
+def test_a_client_that_left_resumes_to_an_interrupted_end(serve: Serve) -> None:
+    server = serve(**SLOW)
+    with httpx.Client(base_url=server.url, timeout=20) as client:
+        events = []
+        with connect_sse(client, "POST", "/chat", json={"message": "I will leave early"}) as source:
+            for event in source.iter_sse():
+                events.append(event)
+                if len(events) == 8:
+                    break  # the connection closes: the reply stops (and is stored) at once
+        connected = json.loads(events[0].data)
+        conversation = f"/conversations/{connected['conversation_id']}"
+        assert wait_for(lambda: len(client.get(conversation).json()["messages"]) == 2, 5)
+        time.sleep(0.3)  # the log's last write
+        rest = resume(client, connected["resume_url"], events[-1].id)
+        stored = client.get(conversation).json()["messages"][1]
+    assert stored["finish_reason"] == "interrupted"
+    assert deltas(events) + deltas(rest) == stored["content"]
+    assert rest[-1].event == "error"
+    assert json.loads(rest[-1].data)["type"] == "interrupted"
+
+
+def test_unknown_foreign_and_expired_streams_are_404_and_410(serve: Serve) -> None:
+    server = serve(replay_ttl=0.3)
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        one = chat(client, "one")
+        two = chat(client, "two")
+        url = one.data("connected")["resume_url"]
+        other_id = two.events[2].id
+        for bad, status, error_type in (
+            ({"Last-Event-ID": other_id}, 404, "replay_not_found"),
+            ({"Last-Event-ID": "not an id"}, 404, "replay_not_found"),
+        ):
+            response = client.get(url, headers=bad)
+            assert (response.status_code, response.json()["error"]["type"]) == (status, error_type)
+        foreign = two.data("connected")["resume_url"].replace(two.conversation_id, one.conversation_id)
+        assert client.get(foreign).status_code == 404  # a reply of another conversation
+        assert client.get(url.replace(one.data("connected")["message_id"], "msg_nope")).status_code == 404
+        time.sleep(0.5)  # past CHATSSE_REPLAY_TTL
+        expired = client.get(url)
+        assert expired.status_code == 410
+        assert expired.json()["error"]["type"] == "replay_expired"
+        assert client.get("/health").status_code == 200
+
+
+# --- across the workers of a real gunicorn ---
+
+ENV = {
+    "CHATSSE_SIM_TTFT_MS": "0",
+    "CHATSSE_SIM_TOKEN_INTERVAL_MS": "5",
+    "CHATSSE_SIM_JITTER": "0",
+    "CHATSSE_SIM_REPLY_TOKENS_MIN": "40",
+    "CHATSSE_SIM_REPLY_TOKENS_MAX": "40",
+    "CHATSSE_LOG_LEVEL": "warning",
+}
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[RedisServer]:
+    with redis_server() as server:
+        yield server
+
+
+def _store(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'c.db'}"
+    redis: RedisServer = request.getfixturevalue("redis")
+    return redis.url
+
+
+def _fresh(url: str) -> httpx.Client:
+    """A client whose every request opens a new connection, so any worker may answer it."""
+    return httpx.Client(base_url=url, timeout=20, limits=httpx.Limits(max_keepalive_connections=0))
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_resumes_on_any_worker_at_random_points_give_the_stored_reply(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    rng = random.Random(7)
+    problems = []
+    with (
+        GunicornServer(workers=4, store=_store(kind, tmp_path, request), env=ENV) as server,
+        _fresh(server.url) as client,
+    ):
+        for reply in range(100):
+            cut = rng.randrange(1, 40)
+            events = []
+            with connect_sse(client, "POST", "/chat", json={"message": f"reply {reply}"}) as source:
+                for event in source.iter_sse():
+                    events.append(event)
+                    if len(events) == cut + 1:
+                        break
+            connected = json.loads(events[0].data)
+            conversation = f"/conversations/{connected['conversation_id']}"
+            if not wait_for(lambda url=conversation: len(client.get(url).json()["messages"]) == 2, 10):
+                problems.append(f"reply {reply}: never stored")
+                continue
+            rest: list[ServerSentEvent] = []
+            deadline = time.monotonic() + 10
+            while not rest or rest[-1].event not in ("completed", "error"):  # the log's last write may lag
+                rest = resume(client, connected["resume_url"], events[-1].id)
+                if time.monotonic() > deadline:
+                    break
+            stored = client.get(conversation).json()["messages"][1]
+            if deltas(events) + deltas(rest) != stored["content"]:
+                problems.append(f"reply {reply}, cut at {cut}: the parts differ from the stored reply")
+            ending = json.loads(rest[-1].data) if rest else {}
+            if stored["finish_reason"] == "interrupted" and ending.get("type") != "interrupted":
+                problems.append(f"reply {reply}: ended with {ending}")
+        pids = {client.get("/health").json()["this_worker"]["pid"] for _ in range(40)}
+        assert len(pids) >= 2  # fresh connections reached several workers
+        failures = [line for line in server.logs().splitlines() if "replay_" in line]
+    assert problems == [], failures
+
+
+def test_a_resume_after_its_producer_is_killed_returns_what_was_logged_then_stream_lost(
+    tmp_path: Path,
+) -> None:
+    env = {**ENV, "CHATSSE_SIM_TOKEN_INTERVAL_MS": "50", "CHATSSE_SIM_REPLY_TOKENS_MIN": "400",
+           "CHATSSE_SIM_REPLY_TOKENS_MAX": "400"}  # fmt: skip
+    with GunicornServer(workers=2, store=f"sqlite:///{tmp_path / 'c.db'}", env=env) as server:
+        seen: list[ServerSentEvent] = []
+        started = threading.Event()
+
+        def stream() -> None:
+            try:
+                with (
+                    _fresh(server.url) as client,
+                    connect_sse(client, "POST", "/chat", json={"message": "x"}) as s,
+                ):
+                    for event in s.iter_sse():
+                        seen.append(event)
+                        started.set()
+            except httpx.HTTPError:
+                pass  # its worker is killed under it
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert started.wait(10)
+        with _fresh(server.url) as client:
+            producer = None
+            deadline = time.monotonic() + 10
+            while producer is None and time.monotonic() < deadline:  # which worker holds the stream?
+                worker = client.get("/health").json()["this_worker"]
+                if worker["open_streams"] == 1:
+                    producer = worker["pid"]
+            assert producer is not None
+            time.sleep(0.5)
+            os.kill(producer, signal.SIGKILL)
+            reader.join(10)
+            connected = json.loads(seen[0].data)
+            began = time.monotonic()
+            rest = []
+            for _ in range(20):  # until the surviving worker answers (gunicorn restarts the other)
+                try:
+                    rest = resume(client, connected["resume_url"], seen[0].id)
+                    break
+                except (httpx.HTTPError, AssertionError):
+                    time.sleep(0.2)
+            took = time.monotonic() - began
+    assert rest, "the resume never answered"
+    assert rest[-1].event == "error"
+    assert json.loads(rest[-1].data)["type"] == "stream_lost"
+    messages = [e for e in rest if e.event == "message"]
+    assert len(messages) >= len([e for e in seen if e.event == "message"]) - 5  # what was logged
+    assert took < 15  # a clear end, no hang
+
+
+def test_without_replay_logs_nothing_is_written_and_resuming_is_404(serve: Serve) -> None:
+    server = serve(replay_log=False)
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        first = chat(client, "not kept")
+        assert first.events[-1].event == "completed"
+        response = client.get(first.data("connected")["resume_url"])
+    assert response.status_code == 404
+    assert "CHATSSE_REPLAY_LOG" in response.json()["error"]["message"]
