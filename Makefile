@@ -88,9 +88,10 @@ type-check: $(STAMP) ## mypy --strict on the package
 
 check-all: lint type-check test ## everything CI checks
 
-bench: $(STAMP) ## chatsse vs reference SSE servers over sockets; the OpenAI fronts' cost and the proxy's added latency
+bench: $(STAMP) ## chatsse vs reference SSE servers over sockets; the OpenAI fronts' cost, the proxy's added latency; replay logs' cost, resume and stop latency
 	$(BIN)/python scripts/bench_server.py --output build/bench.json
 	$(BIN)/python scripts/bench_openai.py --output build/bench_openai.json
+	$(BIN)/python scripts/bench_resume.py --output build/bench_resume.json
 
 bench-asgi: $(STAMP) ## per-event CPU of the response machinery alone, in-process (no sockets)
 	$(BIN)/python scripts/bench_sse.py

@@ -30,8 +30,9 @@ from chatsse.middleware import RequestContextMiddleware
 from chatsse.openai import add_openai_routes
 from chatsse.replay import ReplayLimits, open_replay_log
 from chatsse.replay.recorder import ReplayRecorder
+from chatsse.replay.signals import open_signals
 from chatsse.responses import api_error, invalid_request, json_error
-from chatsse.resume import add_resume_route
+from chatsse.resume import add_resume_routes
 from chatsse.routes import add_routes
 from chatsse.settings import Settings, load_settings
 from chatsse.sse import BODY_SEND_SCOPE_KEY
@@ -44,6 +45,7 @@ log = get_logger("chatsse.app")
 # JSON escaping can grow a message up to six-fold (\uXXXX); allow that plus the envelope.
 _BODY_OVERHEAD = 4096
 _HTTP_ERROR_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+_FOLLOW_POLL = 0.05  # seconds between two looks of a resuming reader at a shared log's live tail
 
 
 class ChatsseApp(FastAPI):
@@ -111,11 +113,12 @@ def create_app(
         ttl=settings.replay_ttl,
         max_items=settings.max_reply_tokens + 2,  # the opening, the tokens, the last event
         max_logs=settings.max_conversations,
-        poll_interval=settings.replay_flush_interval,
+        poll_interval=min(settings.replay_flush_interval, _FOLLOW_POLL),
     )
     replay = open_replay_log(store, replay_limits)
     recorder = ReplayRecorder(replay, interval=settings.replay_flush_interval)
-    state = AppState(settings, deadlines, engine, manager, metrics, lifecycle, replay, recorder)
+    signals = open_signals(store)
+    state = AppState(settings, deadlines, engine, manager, metrics, lifecycle, replay, recorder, signals)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -124,6 +127,7 @@ def create_app(
         finally:
             await lifecycle.aclose()  # bounded by the drain's own deadlines
             await recorder.aclose(within=deadlines.store)  # the streams' last items, before the store closes
+            await signals.close()
             for step, bound in ((engine.aclose, deadlines.token_gap), (manager.aclose, 2 * deadlines.store)):
                 try:
                     async with asyncio.timeout(bound):
@@ -136,7 +140,7 @@ def create_app(
     _add_error_handlers(app)
     add_chat_route(app, state)
     add_openai_routes(app, state)
-    add_resume_route(app, state)
+    add_resume_routes(app, state)
     add_routes(app, state)
     if settings.cors_origins:
         app.add_middleware(

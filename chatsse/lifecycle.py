@@ -73,8 +73,9 @@ class Slot:
     sets :attr:`phase`; the ticker reads both."""
 
     __slots__ = (
-        "_cancelled", "_lifecycle", "_receive", "_send", "_waiter", "closed", "disconnected", "phase", "ping",
-        "ping_ticks", "quiet", "reply_deadline", "seen_phase", "stop_reason", "task", "wrote",
+        "_cancelled", "_lifecycle", "_receive", "_send", "_waiter", "away_until", "closed", "disconnected",
+        "phase", "ping", "ping_ticks", "quiet", "reply_deadline", "resume_window", "seen_phase",
+        "stop_reason", "task", "wrote",
     )  # fmt: skip
 
     def __init__(self, lifecycle: Lifecycle) -> None:
@@ -94,6 +95,10 @@ class Slot:
         self.reply_deadline = math.inf
         self.closed = False  # the last body message is being sent or has been
         self.disconnected = False
+        # A recorded stream (resumable) whose client goes away keeps generating into its log
+        # for this many seconds, more while a resuming client reads it (0: stop at once).
+        self.resume_window = 0.0
+        self.away_until = math.inf  # the client is gone: stop at this loop time unless resumed
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -183,7 +188,20 @@ class Slot:
             self._listen()  # more request body nobody asked for: keep listening
             return
         self.disconnected = True
-        self.stop("client_disconnected")
+        if self.resume_window > 0 and self.stop_reason is None:
+            self.away_until = self._lifecycle.loop.time() + self.resume_window  # the watchdog stops it
+        else:
+            self.stop("client_disconnected")
+
+    @property
+    def away(self) -> bool:
+        """The client went away and the stream goes on, for a client that resumes it."""
+        return self.away_until != math.inf
+
+    def resumed(self) -> None:
+        """A client is reading this stream's log: keep generating for another window."""
+        if self.away:
+            self.away_until = max(self.away_until, self._lifecycle.loop.time() + self.resume_window)
 
     async def _ping(self) -> None:
         try:
@@ -268,7 +286,11 @@ class Lifecycle:
             self._ticker = None
 
     def _check(self, slot: Slot, now: float) -> None:
-        if slot._send is None or slot.disconnected:  # not streaming yet, or gone
+        if slot._send is None:  # not streaming yet
+            return
+        if slot.disconnected:  # gone: only a stream kept for resumption still has deadlines
+            if slot.away and slot.stop_reason is None:
+                self._check_away(slot, now)
             return
         if slot.ping is not None:
             slot.ping_ticks += 1
@@ -293,6 +315,23 @@ class Lifecycle:
         elif phase != WRITING and quiet % self._ping_after == 0 and slot.ping is None:
             slot.ping_ticks = 0
             slot.ping = self.loop.create_task(slot._ping())
+
+    def _check_away(self, slot: Slot, now: float) -> None:
+        """A stream whose client went away: the resume window, the reply and engine deadlines;
+        no keepalive, no write deadline (its writes go nowhere)."""
+        phase = slot.phase
+        if phase == STORING:
+            return
+        if now >= slot.away_until:
+            slot.stop("client_disconnected")
+        elif now >= slot.reply_deadline:
+            slot.stop("timeout")
+        elif slot.wrote or phase != slot.seen_phase:
+            slot.wrote, slot.seen_phase, slot.quiet = False, phase, 0
+        elif phase != WRITING:
+            slot.quiet += 1
+            if slot.quiet >= self._limits[phase]:
+                slot.stop("engine_timeout")
 
     # --- shutdown ---
 

@@ -148,6 +148,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="chatsse, --responses: decode every delta and check the reply equals the final text "
         "(completed.content, response.output_text.done)",
     )
+    target.add_argument(
+        "--drop-resume",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="chatsse: drop this share of streams (0-1) after a random number of tokens and resume "
+        "them with Last-Event-ID; reports resume latency and checks each reply has no gap or duplicate",
+    )
     report = parser.add_argument_group("report")
     report.add_argument("--slo-ttft-ms", type=float, help="goodput: TTFT threshold (ms)")
     report.add_argument("--slo-tpot-ms", type=float, help="goodput: TPOT threshold (ms)")
@@ -198,7 +206,9 @@ def _target(args: argparse.Namespace) -> Target:
         return ResponsesTarget(
             args.url, model=args.model, max_tokens=args.max_tokens, collect_text=args.check_content
         )
-    return ChatsseTarget(args.url, max_tokens=args.max_tokens, collect_text=args.check_content)
+    return ChatsseTarget(
+        args.url, max_tokens=args.max_tokens, collect_text=args.check_content, drop_fraction=args.drop_resume
+    )
 
 
 def _config(args: argparse.Namespace) -> LoadConfig:
@@ -420,6 +430,8 @@ def format_summary(result: LoadTestResult, slo: SLO | None = None) -> str:
         goodput += f" (SLO: {', '.join(limits)})"
     row("goodput", goodput)
     row("tokens", f"{s.total_input_tokens} in, {s.total_output_tokens} out, {s.total_events} events")
+    if s.resumed:
+        row("resumed", f"{s.resumed} completed requests were dropped mid-stream and resumed")
     lines.append(
         f"{'latency (ms)':<16}" + "".join(f"{h:>10}" for h in ("mean", "p50", "p90", "p95", "p99", "max"))
     )
@@ -431,6 +443,8 @@ def format_summary(result: LoadTestResult, slo: SLO | None = None) -> str:
         ("E2E (intended)", s.e2e_intended),
         ("lateness", s.lateness),
     ]
+    if s.resume is not None:  # streams were dropped and resumed (--drop-resume)
+        series.append(("resume", s.resume))
     for name, stats in series:
         if stats is None:
             lines.append(f"{name:<16}{'-':>10}")

@@ -87,6 +87,8 @@ class RequestRecord:
     events: int = 0  # all SSE events, control ones included
     tokens: int = 0  # server-reported completion tokens if known, else content events
     bytes_received: int = 0
+    # Resumed streams (ChatsseTarget's drop_fraction): disconnect -> first resumed event, each.
+    resume_latencies: list[float] = field(default_factory=list)
     status: int | None = None  # HTTP status
     error: str | None = None  # "http_503", "timeout", "connection", "stream_error:<type>", ...
     prompt_tokens: int | None = None
@@ -229,6 +231,8 @@ class Summary:
     e2e_intended: Stats | None
     lateness: Stats | None
     slo: SLO | None = None
+    resumed: int = 0  # completed requests whose stream was dropped and resumed
+    resume: Stats | None = None  # disconnect -> first resumed event
 
     def as_dict(self) -> dict[str, MetricValue]:
         """Flat dict with vLLM-like keys; latencies in milliseconds."""
@@ -245,6 +249,7 @@ class Summary:
             "goodput": self.goodput,
             "good_fraction": self.good_fraction,
             "errors": dict(self.errors_by_type),
+            "resumed": self.resumed,
         }
         series = {
             "ttft": self.ttft,
@@ -253,6 +258,7 @@ class Summary:
             "e2el": self.e2e,
             "e2el_intended": self.e2e_intended,
             "lateness": self.lateness,
+            "resume": self.resume,
         }
         for name, stats in series.items():
             for stat in ("mean", "median", "std", "p50", "p90", "p95", "p99"):
@@ -297,6 +303,8 @@ def summarize(records: Sequence[RequestRecord], *, duration: float, slo: SLO | N
         e2e_intended=Stats.of(v for r in done if (v := r.e2e_intended) is not None),
         lateness=Stats.of(r.lateness for r in records),
         slo=slo,
+        resumed=sum(1 for r in done if r.resume_latencies),
+        resume=Stats.of(v for r in done for v in r.resume_latencies),
     )
 
 

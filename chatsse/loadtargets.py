@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -208,22 +209,63 @@ class Target(ABC):
                 record.first_token_at = record.token_times[0]
 
 
+class _Reading:
+    """What one chatsse turn's stream has said so far (across a drop and its resume)."""
+
+    __slots__ = ("completed", "events", "failure", "last_id", "parts", "received", "resume_url")
+
+    def __init__(self, parts: list[str] | None) -> None:
+        self.parts = parts
+        self.events = 0
+        self.received = 0
+        self.completed: dict[str, Any] | None = None
+        self.failure: dict[str, Any] | None = None
+        self.last_id: str | None = None
+        self.resume_url: str | None = None
+
+
 class ChatsseTarget(Target):
     """chatsse's ``POST /chat``.
 
     ``collect_text`` decodes every ``message`` event, keeps the reply in
     ``Conversation.last_reply`` and checks it equals ``completed.content``.
+
+    ``drop_fraction`` (0 to 1): that share of streams is dropped (the connection closed)
+    after a random number of tokens, from 1 to ``max_tokens`` (64 without it), and resumed at
+    once from the ``connected`` event's ``resume_url`` with ``Last-Event-ID``. Each resume's
+    latency, from the close to the first resumed event, goes to
+    ``RequestRecord.resume_latencies``; the reply is checked against ``completed.content``
+    (a gap or a duplicate is ``content_mismatch``). A reply shorter than its cut is not
+    dropped. The server's resume window (``CHATSSE_RESUME_WINDOW``) must be above 0.
     """
 
     protocol = "chatsse"
     default_path = "/chat"
 
-    def __init__(self, url: str, *, max_tokens: int | None = None, collect_text: bool = False) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_tokens: int | None = None,
+        collect_text: bool = False,
+        drop_fraction: float = 0.0,
+        seed: int | None = None,
+    ) -> None:
         super().__init__(url, max_tokens=max_tokens)
-        self.collect_text = collect_text
+        if not 0.0 <= drop_fraction <= 1.0:
+            raise ValueError(f"drop_fraction must be within [0, 1], got {drop_fraction}")
+        self.collect_text = collect_text or drop_fraction > 0
+        self.drop_fraction = drop_fraction
+        self._rng = random.Random(seed)
+        self._http: aiohttp.ClientSession | None = None
+        parts = urlsplit(self.url)
+        self._origin = f"{parts.scheme}://{parts.netloc}"
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "collect_text": self.collect_text}
+        return {**super().describe(), "collect_text": self.collect_text, "drop_fraction": self.drop_fraction}
+
+    async def prepare(self, http: aiohttp.ClientSession) -> None:
+        self._http = http  # resumes go through the run's session
 
     def request_body(self, conversation: Conversation, message: str) -> dict[str, Any]:
         body: dict[str, Any] = {"message": message}
@@ -233,6 +275,12 @@ class ChatsseTarget(Target):
             body["max_tokens"] = self.max_tokens
         return body
 
+    def _cut(self) -> int | None:
+        """Tokens after which to drop this stream, or None to read it whole."""
+        if self.drop_fraction <= 0 or self._rng.random() >= self.drop_fraction:
+            return None
+        return self._rng.randint(1, self.max_tokens or 64)
+
     async def _read_stream(
         self,
         response: aiohttp.ClientResponse,
@@ -241,41 +289,17 @@ class ChatsseTarget(Target):
         record: RequestRecord,
         on_text: TextCallback | None,
     ) -> None:
-        parser = EventStreamParser()
-        feed = parser.feed
-        token_times = record.token_times
-        add_token = token_times.append
-        parts: list[str] | None = [] if self.collect_text or on_text is not None else None
-        events = 0
-        received = 0
-        completed: dict[str, Any] | None = None
-        failure: dict[str, Any] | None = None
-        async for chunk in response.content.iter_any():
-            now = perf_counter()
-            received += len(chunk)
-            batch = feed(chunk)
-            if not batch:
-                continue
-            events += len(batch)
-            for event in batch:
-                name = event.event
-                if name == _MESSAGE:
-                    add_token(now)
-                    if parts is not None:
-                        delta: str = _loads(event.data)["delta"]
-                        parts.append(delta)
-                        if on_text is not None:
-                            on_text(delta)
-                elif name == _CONNECTED:
-                    conversation.conversation_id = _loads(event.data).get("conversation_id")
-                elif name == _COMPLETED:
-                    completed = _loads(event.data)
-                elif name == _ERROR:
-                    failure = _loads(event.data)
+        reading = _Reading([] if self.collect_text or on_text is not None else None)
+        cut = self._cut()
+        dropped = await self._consume(response, conversation, record, reading, on_text, cut)
+        if dropped:
+            response.close()  # the connection goes: the server sees a client that left
+            await self._resume(record, reading, on_text)
         record.end = perf_counter()
-        record.events = events
-        record.bytes_received = received
-        tokens = len(token_times)
+        record.events = reading.events
+        record.bytes_received = reading.received
+        tokens = len(record.token_times)
+        completed, parts = reading.completed, reading.parts
         if completed is not None:
             usage = completed.get("usage") or {}
             tokens = usage.get("completion_tokens", tokens)
@@ -285,11 +309,72 @@ class ChatsseTarget(Target):
                 conversation.last_reply = reply
                 if reply != completed.get("content"):
                     record.error = "content_mismatch"
-        elif failure is not None:
-            record.error = f"stream_error:{failure.get('type') or 'unknown'}"
+        elif reading.failure is not None:
+            record.error = f"stream_error:{reading.failure.get('type') or 'unknown'}"
         else:
             record.error = "truncated"
         record.tokens = tokens
+
+    async def _consume(
+        self,
+        response: aiohttp.ClientResponse,
+        conversation: Conversation | None,
+        record: RequestRecord,
+        reading: _Reading,
+        on_text: TextCallback | None,
+        cut: int | None = None,
+        resumed_from: float | None = None,
+    ) -> bool:
+        """Read events into ``reading``; True if it stopped at ``cut`` tokens (a drop)."""
+        parser = EventStreamParser()
+        feed = parser.feed
+        add_token = record.token_times.append
+        parts = reading.parts
+        async for chunk in response.content.iter_any():
+            now = perf_counter()
+            reading.received += len(chunk)
+            batch = feed(chunk)
+            if not batch:
+                continue
+            if resumed_from is not None:
+                record.resume_latencies.append(now - resumed_from)
+                resumed_from = None
+            reading.events += len(batch)
+            for event in batch:
+                name = event.event
+                reading.last_id = event.id
+                if name == _MESSAGE:
+                    add_token(now)
+                    if parts is not None:
+                        delta: str = _loads(event.data)["delta"]
+                        parts.append(delta)
+                        if on_text is not None:
+                            on_text(delta)
+                    if cut is not None and len(record.token_times) >= cut:
+                        return True
+                elif name == _CONNECTED:
+                    connected = _loads(event.data)
+                    if conversation is not None:
+                        conversation.conversation_id = connected.get("conversation_id")
+                    reading.resume_url = connected.get("resume_url")
+                elif name == _COMPLETED:
+                    reading.completed = _loads(event.data)
+                elif name == _ERROR:
+                    reading.failure = _loads(event.data)
+        return False
+
+    async def _resume(self, record: RequestRecord, reading: _Reading, on_text: TextCallback | None) -> None:
+        """The stream was dropped: take it up again after its last event."""
+        if self._http is None or reading.resume_url is None or reading.last_id is None:
+            raise ValueError("a dropped stream cannot be resumed: no session, or no connected event")
+        dropped = perf_counter()
+        headers = {"Accept": "text/event-stream", "Last-Event-ID": reading.last_id}
+        async with self._http.get(self._origin + reading.resume_url, headers=headers) as response:
+            if response.status != 200:
+                await response.read()
+                reading.failure = {"type": f"resume_http_{response.status}"}
+                return
+            await self._consume(response, None, record, reading, on_text, resumed_from=dropped)
 
 
 class _ModelTarget(Target):

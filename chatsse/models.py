@@ -24,6 +24,7 @@ __all__ = [
     "Message",
     "MessageOut",
     "Role",
+    "StopOut",
 ]
 
 Role = Literal["system", "user", "assistant"]
@@ -75,6 +76,16 @@ class MessageOut(BaseModel):
     content: str
     created_at: float
     finish_reason: FinishReason | None
+
+
+class StopOut(BaseModel):
+    """``POST .../stop``: the reply as it ended (``stopped``: this call ended it)."""
+
+    conversation_id: str
+    message_id: str
+    stopped: bool
+    finish_reason: FinishReason | None  # None: its worker has not confirmed the stop yet (202)
+    content: str | None
 
 
 class ConversationOut(BaseModel):

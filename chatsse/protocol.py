@@ -50,6 +50,7 @@ __all__ = [
     "page_constants",
     "parse_event_id",
     "resume_path",
+    "stop_path",
 ]
 
 # --- events, in stream order ---------------------------------------------------------------
@@ -60,7 +61,7 @@ COMPLETED: Final = "completed"
 ERROR: Final = "error"
 EVENTS: Final = (CONNECTED, MESSAGE, COMPLETED, ERROR)
 
-FinishReason = Literal["stop", "length", "interrupted", "timeout", "error", "shutdown", "lost"]
+FinishReason = Literal["stop", "length", "stopped", "interrupted", "timeout", "error", "shutdown", "lost"]
 """A stored reply's finish reason. ``lost``: the turn never stored its reply (its worker died,
 or its store call never answered) and a later turn took the conversation over."""
 
@@ -134,6 +135,11 @@ def resume_path(conversation_id: str, message_id: str) -> str:
     return f"/conversations/{conversation_id}/messages/{message_id}/events"
 
 
+def stop_path(conversation_id: str, message_id: str) -> str:
+    """Where a streaming reply can be stopped, from any worker: ``POST``."""
+    return f"/conversations/{conversation_id}/messages/{message_id}/stop"
+
+
 # --- errors before a stream: HTTP status and JSON envelope ----------------------------------
 
 HTTP_ERRORS: Final[dict[str, int]] = {
@@ -194,6 +200,7 @@ def error_body(error_type: str, message: str, **extra: Any) -> bytes:
 Outcome = Literal[
     "stop",
     "length",
+    "stopped",
     "client_disconnected",
     "write_timeout",
     "timeout",
@@ -219,7 +226,12 @@ class Ending:
 ENDINGS: Final[dict[Outcome, Ending]] = {
     "stop": Ending("stop", None, "the reply is complete"),
     "length": Ending("length", None, "the reply reached max_tokens"),
-    "client_disconnected": Ending("interrupted", None, "the client went away mid-reply"),
+    "stopped": Ending("stopped", None, "a client stopped the reply (POST .../stop): what was sent is kept"),
+    "client_disconnected": Ending(
+        "interrupted",
+        None,
+        "the client went away mid-reply, and no client resumed it within CHATSSE_RESUME_WINDOW",
+    ),
     "write_timeout": Ending(
         "interrupted", None, "the client stopped reading: a write waited CHATSSE_WRITE_TIMEOUT"
     ),

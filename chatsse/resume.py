@@ -1,42 +1,100 @@
-"""Resuming a ``POST /chat`` stream: ``GET /conversations/{id}/messages/{message_id}/events``.
+"""Resuming and stopping a reply's stream, from any worker (README, "Resuming and stopping").
 
-The stream's events after ``Last-Event-ID`` (the header, or ``?last_event_id=`` for clients
-that cannot set headers; none: from the start), read from the reply's replay log in the store
-(chatsse/replay/), then its live tail until its last event, on whichever worker answers: the
-worker producing the reply writes its log every ``CHATSSE_REPLAY_FLUSH_INTERVAL`` seconds,
-and this one reads it as often. A resume after the end replays to the end and closes.
+- ``GET /conversations/{id}/messages/{message_id}/events``: a ``POST /chat`` stream's events
+  after ``Last-Event-ID`` (the header, or ``?last_event_id=`` for clients that cannot set
+  headers; none: from the start).
+- ``POST /conversations/{id}/messages/{message_id}/stop``: end a streaming reply now; it is
+  stored with ``finish_reason: "stopped"``, and every reader of it gets ``completed`` with
+  that finish reason.
 
-The events are the ones the first stream sent, with the same ids: the opening and the last
-event as they were, each token's ``message`` event encoded again from its text. A reply that
-sent no last event of its own (its client went away) ends with ``event: error`` of type
-``interrupted``; a log that stops growing, its worker silent for longer than three heartbeats,
-ends with ``stream_lost``. Before the stream: 404 ``replay_not_found`` (no such reply in that
-conversation, or an id of another reply), 410 ``replay_expired`` (the reply is stored but its
-log is gone).
+The events are read from the reply's replay log in the store (chatsse/replay/), then its live
+tail until its last event, on whichever worker answers: the worker producing the reply writes
+its log every ``CHATSSE_REPLAY_FLUSH_INTERVAL`` seconds, and this one reads it as often. A
+resume after the end replays to the end and closes. The Responses API resumes the same way
+(``GET /v1/responses/{id}?stream=true&starting_after=``, chatsse/openai/responses.py): each
+front renders the log's items as its own events (a :class:`ReplayRenderer`).
+
+The events are the ones the first stream sent: the opening and the last event as they were,
+each token's event encoded again from its text. A reply that sent no last event of its own
+(its client went away) ends with an error of type ``interrupted``; a log that stops growing,
+its worker silent for longer than three heartbeats, ends with ``stream_lost``. Before the
+stream: 404 ``replay_not_found`` (no such reply in that conversation, or an id of another
+reply), 410 ``replay_expired`` (the reply is stored but its log is gone).
+
+While a client reads a reply that is still streaming, it signals the producing worker
+(``resumed``, chatsse/replay/signals.py) every third of ``CHATSSE_RESUME_WINDOW``: a reply
+whose own client went away keeps generating while someone resumes it.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any
+import time
+from typing import Annotated, Any, Protocol
 
 from fastapi import FastAPI, Header, Query
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 from chatsse import protocol
 from chatsse.chat import FRONT, message_event
-from chatsse.errors import ConversationNotFound, ReplayExpired, ReplayNotFound
+from chatsse.errors import ConversationNotFound, ReplayExpired, ReplayNotFound, StorageUnavailable
 from chatsse.lifecycle import NEXT_TOKEN, Slot
-from chatsse.models import ErrorBody
+from chatsse.logs import get_logger
+from chatsse.models import ErrorBody, Message, StopOut
 from chatsse.protocol import ENDINGS, Outcome
-from chatsse.replay import Replay, ReplayLog
+from chatsse.replay import Replay
+from chatsse.replay.signals import RESUMED, STOP
 from chatsse.sse import Emit, EventStreamResponse, dumps, encode_event
 from chatsse.state import AppState
 
-__all__ = ["ResumeStream", "add_resume_route"]
+__all__ = [
+    "ChatReplay",
+    "ReplayRenderer",
+    "ResumeStream",
+    "StoppedReply",
+    "add_resume_routes",
+    "find_replay",
+    "stop_reply",
+]
+
+log = get_logger("chatsse.resume")
 
 _READ_LIMIT = 500  # items per read of the log
 _STALE_HEARTBEATS = 3.0  # a log silent this many writer heartbeats: its writer is gone
+_STOP_POLL = 0.01  # seconds between two looks at a stopping reply's log
+_STOP_RESEND = 0.25  # seconds before a stop not yet acted on is sent again
+_STOP_WAIT = 5.0  # seconds a stop waits for the reply to end before it answers 202
+
+
+class ReplayRenderer(Protocol):
+    """How one front writes a replay log's items as its events."""
+
+    after: int  # the log position the client has seen (-1: none)
+
+    def event(self, position: int, item: str, last: bool) -> bytes:
+        """The event(s) for the item at ``position``; ``last``: the stream's last event."""
+        ...
+
+    def error(self, error_type: str, message: str, position: int) -> bytes:
+        """A last event of the resumed stream's own, at ``position``."""
+        ...
+
+
+class ChatReplay:
+    """``POST /chat`` streams: item ``i`` is the event with id ``<message id>:<i>``."""
+
+    def __init__(self, message_id: str, after: int) -> None:
+        self.message_id = message_id
+        self.after = after
+
+    def event(self, position: int, item: str, last: bool) -> bytes:
+        if position == 0 or last:
+            return item.encode()  # the opening and the last event, as they were sent
+        return message_event(self.message_id, position, item)
+
+    def error(self, error_type: str, message: str, position: int) -> bytes:
+        data: protocol.ErrorData = {"type": error_type, "message": message, "message_id": self.message_id}
+        return encode_event(protocol.ERROR, dumps(data), id=protocol.event_id(self.message_id, position))
 
 
 class ResumeStream:
@@ -44,67 +102,145 @@ class ResumeStream:
 
     def __init__(
         self,
-        replay_log: ReplayLog,
+        state: AppState,
         slot: Slot,
-        message_id: str,
-        after: int,
+        reply_id: str,
+        renderer: ReplayRenderer,
         first: Replay,
         stale_after: float,
     ) -> None:
-        self.log = replay_log
+        self.log = state.replay
+        self.signals = state.signals
+        self.window = state.settings.resume_window
         self.slot = slot
-        self.message_id = message_id
-        self.after = after  # the position of the last event sent
+        self.reply_id = reply_id
+        self.renderer = renderer
+        self.after = renderer.after  # the position of the last event sent
         self.first = first
         self.stale_after = stale_after
+        self._signalled = -float("inf")
+        # A reader waits on the log no longer than it may go without signalling the producer.
+        self._wait = min(stale_after, self.window / 3) if self.window > 0 else stale_after
 
-    def _event(self, position: int, item: str, replay: Replay) -> bytes:
-        if position == 0 or (replay.done and position == replay.length - 1):
-            return item.encode()  # the opening and the last event, as they were sent
-        return message_event(self.message_id, position, item)
-
-    def _error(self, error_type: str, message: str) -> bytes:
-        data: protocol.ErrorData = {"type": error_type, "message": message, "message_id": self.message_id}
-        return encode_event(
-            protocol.ERROR, dumps(data), id=protocol.event_id(self.message_id, self.after + 1)
-        )
+    async def _signal_resumed(self) -> None:
+        """Tell the producer a client reads its log: it writes what is pending at once (the
+        first signal), and keeps generating for its resume window (every third of it)."""
+        now = time.monotonic()
+        first = self._signalled == -float("inf")
+        if first or (self.window > 0 and now - self._signalled >= self.window / 3):
+            self._signalled = now
+            try:
+                await self.signals.send(self.reply_id, RESUMED)
+            except StorageUnavailable as exc:
+                log.warning("resume_signal_failed", reply_id=self.reply_id, error=exc.message)
 
     async def run(self, emit: Emit) -> bytes:
         replay: Replay | None = self.first
+        renderer = self.renderer
         self.slot.phase = NEXT_TOKEN  # waiting on the log is waiting on a token: same deadlines
         while True:
             if replay is None:
-                return self._error(protocol.STREAM_LOST, "the reply's replay log is gone")
+                return renderer.error(protocol.STREAM_LOST, "the reply's replay log is gone", self.after + 1)
             items = replay.items
             for index, item in enumerate(items):
                 position = replay.first + index
-                event = self._event(position, item, replay)
+                last = replay.done and position == replay.length - 1
+                event = renderer.event(position, item, last)
                 self.after = position
-                if replay.complete and index == len(items) - 1:
+                if last:
                     return event  # the last event goes out with the end of the body
                 self.slot.wrote = True
-                await emit(event)
+                if event:
+                    await emit(event)
             if replay.complete:
                 return b""
+            await self._signal_resumed()
             if not items:
                 if replay.age > self.stale_after:
                     silent = f"{replay.age:.1f} s"
-                    return self._error(
+                    return renderer.error(
                         protocol.STREAM_LOST,
                         f"the worker streaming this reply stopped writing it {silent} ago",
+                        self.after + 1,
                     )
-                await self.log.wait(self.message_id, replay.length, within=self.stale_after)
-            replay = await self.log.read(self.message_id, self.after, limit=_READ_LIMIT)
+                await self.log.wait(self.reply_id, replay.length, within=self._wait)
+            replay = await self.log.read(self.reply_id, self.after, limit=_READ_LIMIT)
 
     async def stopped(self, reason: Outcome) -> bytes | None:
         ending = ENDINGS[reason]
         if ending.error_type is None or self.slot.disconnected:
             return None
-        return self._error(ending.error_type, ending.meaning)
+        return self.renderer.error(ending.error_type, ending.meaning, self.after + 1)
 
     async def close(self) -> None:
-        lifecycle = self.slot._lifecycle
-        lifecycle.release(self.slot)
+        self.slot._lifecycle.release(self.slot)
+
+
+def stale_after(state: AppState) -> float:
+    """How long a log may go unwritten before a reader takes its writer for gone."""
+    return _STALE_HEARTBEATS * state.recorder.heartbeat + state.settings.replay_flush_interval
+
+
+async def find_replay(
+    state: AppState, conversation_id: str, message_id: str, front: str, after: int = -1
+) -> Replay:
+    """The reply's log from ``after``; ``ReplayNotFound`` or ``ReplayExpired`` if there is none."""
+    settings, replay_log = state.settings, state.replay
+    if not settings.replay_log:
+        raise ReplayNotFound("this server keeps no replay logs (CHATSSE_REPLAY_LOG=false)")
+    first = await replay_log.read(message_id, after, limit=_READ_LIMIT)
+    if first is None:  # a stream that began an instant ago may not be written yet
+        await asyncio.sleep(2 * settings.replay_flush_interval)
+        first = await replay_log.read(message_id, after, limit=_READ_LIMIT)
+    if first is None or first.meta.conversation_id != conversation_id or first.meta.front != front:
+        if first is None and await _stored(state, conversation_id, message_id) is not None:
+            raise ReplayExpired(
+                f"reply {message_id} is stored, but its stream is no longer kept"
+                f" (CHATSSE_REPLAY_TTL = {settings.replay_ttl:g} s): read the conversation"
+            )
+        raise ReplayNotFound(f"no reply stream {message_id} in conversation {conversation_id}")
+    return first
+
+
+def resume_response(state: AppState, reply_id: str, renderer: ReplayRenderer, first: Replay) -> Response:
+    slot = state.lifecycle.admit()
+    return EventStreamResponse(ResumeStream(state, slot, reply_id, renderer, first, stale_after(state)), slot)
+
+
+class StoppedReply:
+    """What a stop found: the stored reply once it ended (None: it did not end in time)."""
+
+    def __init__(self, message: Message | None, stopped: bool) -> None:
+        self.message = message
+        self.stopped = stopped  # this stop ended it (else it had ended already)
+
+
+async def stop_reply(state: AppState, conversation_id: str, message_id: str, front: str) -> StoppedReply:
+    """Signal the worker streaming the reply to stop it, and wait (bounded) until it has ended
+    and is stored. ``ReplayNotFound`` for a reply that is not there."""
+    replay_log = state.replay
+    try:
+        replay = await find_replay(state, conversation_id, message_id, front)
+    except ReplayExpired:  # ended long ago: stored, and its log gone
+        return StoppedReply(await _stored(state, conversation_id, message_id), stopped=False)
+    if replay.done:
+        return StoppedReply(await _stored(state, conversation_id, message_id), stopped=False)
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + _STOP_WAIT
+    while loop.time() < give_up:
+        await state.signals.send(message_id, STOP)
+        resend = min(give_up, loop.time() + _STOP_RESEND)
+        while loop.time() < resend:
+            await asyncio.sleep(_STOP_POLL)
+            seen = await replay_log.read(message_id, replay.length - 1, limit=1)
+            if seen is None or seen.done:
+                message = await _stored(state, conversation_id, message_id)
+                stopped = message is not None and message.finish_reason == "stopped"
+                return StoppedReply(message, stopped)
+            if seen.age > stale_after(state):  # its worker is gone: nothing left to stop
+                return StoppedReply(None, stopped=False)
+            replay = seen
+    return StoppedReply(None, stopped=False)
 
 
 def _after(message_id: str, last_event_id: str | None) -> int:
@@ -132,12 +268,15 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
     410: {"model": ErrorBody, "description": "The reply is stored, but its replay log has expired."},
     503: {"model": ErrorBody, "description": "Too many open streams, draining, or the store unavailable."},
 }
+_STOP_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"model": StopOut, "description": "The reply has ended (stopped by this call, or before it)."},
+    202: {"model": StopOut, "description": "Stop sent; the reply's worker has not confirmed it yet."},
+    404: {"model": ErrorBody, "description": "No such reply stream in this conversation."},
+    503: {"model": ErrorBody, "description": "The store is unavailable."},
+}
 
 
-def add_resume_route(app: FastAPI, state: AppState) -> None:
-    replay_log, lifecycle = state.replay, state.lifecycle
-    stale_after = _STALE_HEARTBEATS * state.recorder.heartbeat + state.settings.replay_flush_interval
-
+def add_resume_routes(app: FastAPI, state: AppState) -> None:
     @app.get(protocol.resume_path("{conversation_id}", "{message_id}"), responses=_RESPONSES)
     async def resume_stream(
         conversation_id: str,
@@ -147,29 +286,28 @@ def add_resume_route(app: FastAPI, state: AppState) -> None:
             str | None, Query(description="Last-Event-ID, for clients that cannot set it")
         ] = None,
     ) -> Response:
-        if not state.settings.replay_log:
-            raise ReplayNotFound("this server keeps no replay logs (CHATSSE_REPLAY_LOG=false)")
         after = _after(message_id, last_event_id_header or last_event_id)
-        first = await replay_log.read(message_id, after, limit=_READ_LIMIT)
-        if first is None:  # a stream that began an instant ago may not be written yet
-            await asyncio.sleep(2 * state.settings.replay_flush_interval)
-            first = await replay_log.read(message_id, after, limit=_READ_LIMIT)
-        if first is None or first.meta.conversation_id != conversation_id or first.meta.front != FRONT:
-            if first is None and await _stored(state, conversation_id, message_id):
-                raise ReplayExpired(
-                    f"reply {message_id} is stored, but its stream is no longer kept"
-                    f" (CHATSSE_REPLAY_TTL = {state.settings.replay_ttl:g} s): read the conversation"
-                )
-            raise ReplayNotFound(f"no reply stream {message_id} in conversation {conversation_id}")
-        slot = lifecycle.admit()
-        return EventStreamResponse(
-            ResumeStream(replay_log, slot, message_id, after, first, stale_after), slot
+        first = await find_replay(state, conversation_id, message_id, FRONT, after)
+        return resume_response(state, message_id, ChatReplay(message_id, after), first)
+
+    @app.post(protocol.stop_path("{conversation_id}", "{message_id}"), responses=_STOP_RESPONSES)
+    async def stop_stream(conversation_id: str, message_id: str) -> Response:
+        """Stop a streaming reply, from any worker; it is stored as ``stopped``."""
+        result = await stop_reply(state, conversation_id, message_id, FRONT)
+        message = result.message
+        body = StopOut(
+            conversation_id=conversation_id,
+            message_id=message_id,
+            stopped=result.stopped,
+            finish_reason=None if message is None else message.finish_reason,
+            content=None if message is None else message.content,
         )
+        return JSONResponse(body.model_dump(), status_code=200 if message is not None else 202)
 
 
-async def _stored(state: AppState, conversation_id: str, message_id: str) -> bool:
+async def _stored(state: AppState, conversation_id: str, message_id: str) -> Message | None:
     try:
         messages = await state.manager.messages(conversation_id)
     except ConversationNotFound:
-        return False
-    return any(m.id == message_id for m in messages)
+        return None
+    return next((m for m in messages if m.id == message_id), None)

@@ -76,6 +76,7 @@ class Settings(BaseSettings):
     replay_log: bool = True
     replay_ttl: float = Field(300.0, gt=0)
     replay_flush_interval: float = Field(0.5, gt=0, le=10)
+    resume_window: float = Field(10.0, ge=0, le=3600)
 
     # Engine: the simulated model, or an OpenAI-compatible upstream (chatsse/upstream.py)
     engine: Literal["simulated", "openai"] = "simulated"

@@ -12,6 +12,7 @@ from chatsse.lifecycle import Lifecycle
 from chatsse.metrics import Metrics
 from chatsse.replay import ReplayLog
 from chatsse.replay.recorder import ReplayRecorder
+from chatsse.replay.signals import ReplySignals
 from chatsse.settings import Settings
 
 __all__ = ["AppState"]
@@ -27,4 +28,5 @@ class AppState:
     lifecycle: Lifecycle
     replay: ReplayLog
     recorder: ReplayRecorder
+    signals: ReplySignals
     started_at: float = field(default_factory=time.time)

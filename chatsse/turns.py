@@ -42,11 +42,9 @@ from chatsse.models import Message
 from chatsse.protocol import ENDINGS, INTERRUPTED, FinishReason, Outcome
 from chatsse.replay import ReplayMeta
 from chatsse.replay.recorder import Recording, ReplayRecorder
+from chatsse.replay.signals import STOP, ReplySignals, SignalKind
 from chatsse.sse import CollectedResponse, Emit, EventStreamResponse
 from chatsse.state import AppState
-
-# Where a stream is recorded for resumption: the app's recorder, the reply's id, whose it is.
-RecordingPlan = tuple[ReplayRecorder, str, ReplayMeta]
 
 __all__ = [
     "Begun",
@@ -60,6 +58,17 @@ __all__ = [
 ]
 
 log = get_logger("chatsse.turns")
+
+
+@dataclass(frozen=True, slots=True)
+class RecordingPlan:
+    """Where a stream is recorded for resumption, and how it hears signals (stop, resumed)."""
+
+    recorder: ReplayRecorder
+    signals: ReplySignals
+    reply_id: str
+    meta: ReplayMeta
+    resume_window: float  # seconds it goes on without a client (CHATSSE_RESUME_WINDOW)
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +185,13 @@ async def open_turn(
     recording: RecordingPlan | None = None
     if replay_front is not None and isinstance(begun.reply, StoredReply):
         turn = begun.reply.turn
-        recording = (state.recorder, turn.reply_id, ReplayMeta(turn.conversation_id, replay_front))
+        recording = RecordingPlan(
+            state.recorder,
+            state.signals,
+            turn.reply_id,
+            ReplayMeta(turn.conversation_id, replay_front),
+            state.settings.resume_window,
+        )
     stream = TurnStream(
         generation=generation,
         reply=begun.reply,
@@ -252,8 +267,9 @@ class TurnStream:
         self.opened = True
         plan = self._plan
         if plan is not None:
-            recorder, reply_id, meta = plan
-            self.recording = recorder.start(reply_id, meta, opening.decode(), self.parts)
+            self.recording = plan.recorder.start(plan.reply_id, plan.meta, opening.decode(), self.parts)
+            plan.signals.watch(plan.reply_id, self._signal)
+            slot.resume_window = plan.resume_window
         generation = self.generation
         next_batch, encode = generation.__anext__, self.format.delta
         send, append = slot.body_send, self.parts.append
@@ -280,10 +296,21 @@ class TurnStream:
         self._generated = True
         return await self._complete(generation.finish_reason or "stop")
 
+    def _signal(self, kind: SignalKind) -> None:
+        """A signal from any worker (chatsse/replay/signals.py)."""
+        if kind == STOP:
+            self.slot.stop("stopped")
+        else:  # a client resumes it: keep it going, and write what it has not read yet now
+            self.slot.resumed()
+            if self._plan is not None:
+                self._plan.recorder.write_soon()
+
     async def stopped(self, reason: Outcome) -> bytes | None:
         """The stream was stopped mid-turn (``Slot.stop``): store what was sent; the last event
         for ``reason``, or None when no event can or need be sent."""
         await self._end_generation()
+        if reason == "stopped":  # a client asked for it: the reply so far is the reply
+            return await self._complete("stopped")
         ending = ENDINGS[reason]
         stored = await self._store(ending.finish_reason or "interrupted")
         self.outcome = reason
@@ -311,6 +338,8 @@ class TurnStream:
                 await self._end_generation()
                 await self._store("interrupted")
         finally:
+            if self._plan is not None:
+                self._plan.signals.unwatch(self._plan.reply_id)
             self._end_recording()
             self.lifecycle.release(self.slot)
             self._record()
@@ -323,7 +352,7 @@ class TurnStream:
         if failed is not None:
             self.outcome = failed[0]
             return self._error(failed[0], failed[1])
-        self.outcome = finish_reason  # type: ignore[assignment]  # stop or length
+        self.outcome = finish_reason  # type: ignore[assignment]  # stop, length or stopped
         generation = self.generation
         first = self.first_token_at
         return self._last(
@@ -405,12 +434,12 @@ class TurnStream:
         if recording is None or plan is None or recording.final is not None:
             return
         meaning = ENDINGS[self.outcome or "client_disconnected"].meaning
-        plan[0].finish(recording, self.format.error(INTERRUPTED, meaning).decode())
+        plan.recorder.finish(recording, self.format.error(INTERRUPTED, meaning).decode())
 
     def _last(self, event: bytes) -> bytes:
         self.final_event = True
         if self.recording is not None and self._plan is not None:
-            self._plan[0].finish(self.recording, event.decode())
+            self._plan.recorder.finish(self.recording, event.decode())
         return event
 
     def _record(self) -> None:

@@ -23,18 +23,21 @@ Usage: ``python scripts/bench_openai.py [--quick] [--output build/bench_openai.j
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import json
-import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-from bench_server import CLIENT_CORE, ServerProcess, cpu_per_event_steady, measured_run, reply_env, running
+from bench_server import (
+    ServerProcess,
+    bench_arguments,
+    bench_runner,
+    cpu_per_event_steady,
+    measured_run,
+    reply_env,
+    running,
+    write_report,
+)
 
 from chatsse.loadgen import LoadConfig, arun_load_test
 from chatsse.loadtargets import ChatsseTarget, OpenAITarget, Target
@@ -235,34 +238,16 @@ def table(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true", help="tiny numbers: a smoke test in seconds")
-    parser.add_argument("--output", help="save the report as JSON")
-    parser.add_argument("--no-pin", action="store_true", help="do not pin servers and client to cores")
-    args = parser.parse_args(argv)
+    args, pin = bench_arguments(__doc__, argv)
     plan = QUICK if args.quick else Plan()
-    pin = not args.no_pin and shutil.which("taskset") is not None and len(os.sched_getaffinity(0)) >= 2
-    if pin:
-        os.sched_setaffinity(0, {CLIENT_CORE})
-    try:
-        import uvloop
-
-        loop_factory = uvloop.new_event_loop
-    except ImportError:  # pragma: no cover - uvicorn[standard] installs it
-        loop_factory = None
     started = time.monotonic()
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
+    with bench_runner() as runner:
         fronts = runner.run(front_costs(plan, pin, sys.stderr))
         proxy = runner.run(proxy_latency(plan, pin, sys.stderr))
     report = {"plan": asdict(plan), "pinned": pin, "fronts": fronts, "proxy": proxy,
               "seconds": time.monotonic() - started}  # fmt: skip
     print(table(report))
-    if args.output:
-        output = Path(args.output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(report, indent=1))
+    write_report(report, args.output)
     failed = fronts["errors"] or any(
         level[n]["failed"] for level in proxy["levels"] for n in ("direct", "proxy")
     )

@@ -564,30 +564,54 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def bench_arguments(
+    doc: str | None, argv: list[str] | None, extra: Any = None
+) -> tuple[argparse.Namespace, bool]:
+    """The benchmarks' shared command line (``--quick``, ``--output``, ``--no-pin``, and what
+    ``extra(parser)`` adds); pins this process, the client, to its core when it can. Returns
+    the arguments and whether the servers are to be pinned."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny numbers: a smoke test in seconds")
     parser.add_argument("--output", help="save the report as JSON")
-    parser.add_argument("--servers", default=",".join(SERVERS), help="comma-separated subset to run")
     parser.add_argument("--no-pin", action="store_true", help="do not pin server and client to cores")
+    if extra is not None:
+        extra(parser)
     args = parser.parse_args(argv)
+    args.parser = parser
+    pin = not args.no_pin and shutil.which("taskset") is not None and len(os.sched_getaffinity(0)) >= 2
+    if pin:
+        os.sched_setaffinity(0, {CLIENT_CORE})
+    return args, pin
+
+
+def bench_runner() -> asyncio.Runner:
+    """An event loop for the load client: uvloop's, as ``chatsse load`` uses."""
+    try:
+        import uvloop
+
+        return asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:  # pragma: no cover - uvicorn[standard] installs it
+        return asyncio.Runner()
+
+
+def write_report(report: dict[str, Any], output: str | None) -> None:
+    if output:
+        path = Path(output)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    def servers_option(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--servers", default=",".join(SERVERS), help="comma-separated subset to run")
+
+    args, pin = bench_arguments(__doc__, argv, servers_option)
     plan = QUICK if args.quick else Plan()
     names = [n for n in args.servers.split(",") if n]
     unknown = set(names) - set(SERVERS)
     if unknown:
-        parser.error(f"unknown servers {sorted(unknown)}; choose from {SERVERS}")
-    pin = not args.no_pin and shutil.which("taskset") is not None and len(os.sched_getaffinity(0)) >= 2
-    if pin:
-        os.sched_setaffinity(0, {CLIENT_CORE})
-    try:
-        import uvloop
-
-        loop_factory = uvloop.new_event_loop
-    except ImportError:  # pragma: no cover - uvicorn[standard] installs it
-        loop_factory = None
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        args.parser.error(f"unknown servers {sorted(unknown)}; choose from {SERVERS}")
+    with bench_runner() as runner:
         servers = runner.run(bench_servers(names, plan, pin=pin, log=sys.stderr))
     report: dict[str, Any] = {
         "machine": {
@@ -606,10 +630,7 @@ def main(argv: list[str] | None = None) -> int:
         report["ratios"] = {}
         print(json.dumps(servers, indent=1))
     errors = {name: s["events"]["errors"] or s["requests"]["errors"] for name, s in servers.items()}
-    if args.output:
-        output = Path(args.output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(report, indent=1))
+    write_report(report, args.output)
     if any(errors.values()):
         print(f"requests failed: {errors}", file=sys.stderr)
         return 1

@@ -92,3 +92,26 @@ def test_median_run_keeps_the_middle_run_and_every_value() -> None:
     runs = [{"us": 7.0, "tag": "a"}, {"us": 3.0, "tag": "b"}, {"us": 5.0, "tag": "c"}]
     assert bench.median_run(runs, "us") == {"us": 5.0, "tag": "c", "all_us": [7.0, 3.0, 5.0]}
     assert bench.median_run(runs[:2], "us")["tag"] == "b"  # even count: the lower middle
+
+
+def test_quick_resume_bench_measures_the_log_resume_and_stop(tmp_path: Path) -> None:
+    output = tmp_path / "bench_resume.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATSSE_")}
+    process = subprocess.run(
+        [sys.executable, str(SCRIPT.parent / "bench_resume.py"), "--quick", "--output", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert process.returncode == 0, process.stderr
+    report = json.loads(output.read_text())
+    plan = report["plan"]
+    assert report["log_cost"]["us_per_event_log_on"] > 0
+    assert report["log_cost"]["us_per_event_log_off"] > 0
+    for kind in ("resume", "stop"):
+        assert report["latency"][kind]["replies"] == plan["replies"]
+        assert 0 < report["latency"][kind]["p50_ms"] <= report["latency"][kind]["p99_ms"]
+    assert report["latency"]["resume"]["mismatches"] == 0
+    assert report["latency"]["stop"]["not_stopped"] == 0
+    assert "resume latency p50 / p99 (ms)" in process.stdout

@@ -188,7 +188,7 @@ SLOW = {
 
 
 def test_over_connection_limit_is_503_with_retry_after(serve: Serve) -> None:
-    server = serve(max_streams_per_worker=1, sse_retry_ms=2000, **SLOW)
+    server = serve(max_streams_per_worker=1, sse_retry_ms=2000, resume_window=0, **SLOW)
     held = _OpenStream(server.url, {"message": "hold the slot"})
     try:
         response = httpx.post(f"{server.url}/chat", json={"message": "one too many"})
@@ -203,7 +203,7 @@ def test_over_connection_limit_is_503_with_retry_after(serve: Serve) -> None:
 
 
 def test_concurrent_turn_on_same_conversation_is_409(serve: Serve) -> None:
-    server = serve(**SLOW)
+    server = serve(resume_window=0, **SLOW)  # the held stream's turn ends when it is closed
     with httpx.Client(base_url=server.url) as client:
         first = chat(client, "start", max_tokens=2)
     conversation_id = first.conversation_id
@@ -225,7 +225,7 @@ def test_concurrent_turn_on_same_conversation_is_409(serve: Serve) -> None:
 
 
 def test_disconnect_cancels_generation_and_stores_partial_reply(serve: Serve) -> None:
-    server = serve(**SLOW)
+    server = serve(resume_window=0, **SLOW)  # no window: a client that leaves stops the reply
     client = httpx.Client(base_url=server.url, timeout=10)
     request = client.build_request("POST", "/chat", json={"message": "I will hang up"})
     response = client.send(request, stream=True)

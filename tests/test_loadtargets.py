@@ -540,3 +540,40 @@ def test_all_three_targets_measure_chatsse_by_the_same_measure(serve: Serve) -> 
     assert counts["responses"] == counts["chatsse"]
     stored = httpx.get(f"{server.url}/conversations").json()
     assert stored["total"] == 2 * 4  # /chat's users and the Responses users; chat completions kept none
+
+
+DROPPING = {
+    "sim_ttft_ms": 0,
+    "sim_token_interval_ms": 5,
+    "sim_reply_tokens_min": 40,
+    "sim_reply_tokens_max": 40,
+}
+
+
+def test_dropped_streams_are_resumed_and_each_reply_is_checked_whole(serve: Serve) -> None:
+    from chatsse.loadgen import LoadConfig, run_load_test
+
+    server = serve(**DROPPING, resume_window=5)
+    target = ChatsseTarget(server.url, max_tokens=30, drop_fraction=1.0, seed=3)
+    result = run_load_test(target, LoadConfig(requests=12, concurrency=4, timeout=30))
+    summary = result.summary()
+    assert summary.errors_by_type == {}
+    assert summary.completed == summary.resumed == 12  # every stream was dropped, and resumed
+    assert all(len(r.resume_latencies) == 1 for r in result.records)
+    assert summary.resume is not None
+    assert summary.as_dict()["p99_resume_ms"] is not None
+    stored = httpx.get(f"{server.url}/conversations").json()["conversations"]
+    assert len(stored) == 12
+    for record in result.records:  # the server's own reply: 30 tokens, each seen once
+        assert len(record.token_times) == record.tokens == 30
+
+
+def test_a_resume_that_cannot_finish_the_reply_is_an_error_not_a_success(serve: Serve) -> None:
+    from chatsse.loadgen import LoadConfig, run_load_test
+
+    server = serve(**DROPPING, resume_window=0)  # a drop stops the reply: the resume ends interrupted
+    target = ChatsseTarget(server.url, max_tokens=30, drop_fraction=1.0, seed=3)
+    result = run_load_test(target, LoadConfig(requests=4, concurrency=2, timeout=30))
+    errors = result.summary().errors_by_type
+    assert set(errors) <= {"stream_error:interrupted", "truncated"}
+    assert sum(errors.values()) >= 3  # a cut at the 30th token may still see the whole reply

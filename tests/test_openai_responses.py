@@ -231,3 +231,74 @@ def test_unsupported_requests_are_refused_clearly(serve: Serve, change: dict[str
     error = response.json()["error"]
     assert named in error["message"] or named == error["param"]
     assert httpx.post(f"{server.url}/v1/responses", json={"model": MODEL, "input": "hi"}).status_code == 200
+
+
+# --- resuming and cancelling a streamed response (chatsse/resume.py, its replay log) ---
+
+SLOW = {"sim_ttft_ms": 0, "sim_token_interval_ms": 20, "sim_reply_tokens_min": 60, "sim_reply_tokens_max": 60}
+
+
+def test_a_streamed_response_resumes_after_any_sequence_number(serve: Serve, sdk: SDK) -> None:
+    server = serve()
+    events = stream_events(server.url, {"input": "resume me"})
+    response_id = dict(events)["response.created"]["response"]["id"]
+    client = sdk(server.url)
+    for after in (-1, 0, 2, 3, 4, len(events) // 2, len(events) - 3, len(events) - 2):
+        resumed = [
+            e.to_dict() for e in client.responses.retrieve(response_id, stream=True, starting_after=after)
+        ]
+        assert resumed == [data for _, data in events[after + 1 :]], after  # the same events, from there
+    everything = list(client.responses.retrieve(response_id, stream=True))
+    assert [e.sequence_number for e in everything] == list(range(len(events)))
+    assert everything[-1].type == "response.completed"
+
+
+def test_a_response_whose_client_left_is_followed_to_its_end_by_a_resumed_stream(
+    serve: Serve, sdk: SDK
+) -> None:
+    server = serve(**SLOW, resume_window=2)
+    seen = []
+    with (
+        httpx.Client(base_url=server.url, timeout=30) as http,
+        connect_sse(
+            http, "POST", "/v1/responses", json={"model": MODEL, "stream": True, "input": "x"}
+        ) as source,
+    ):
+        for event in source.iter_sse():
+            seen.append(json.loads(event.data))
+            if len(seen) == 10:
+                break  # the client goes away; the response goes on for the window
+    client = sdk(server.url)
+    response_id = seen[0]["response"]["id"]
+    in_progress = client.responses.retrieve(response_id)
+    assert in_progress.status == "in_progress"
+    rest = list(
+        client.responses.retrieve(response_id, stream=True, starting_after=seen[-1]["sequence_number"])
+    )
+    assert [e.sequence_number for e in rest] == list(range(10, 10 + len(rest)))
+    assert rest[-1].type == "response.completed"
+    text = "".join(e["delta"] for e in seen if e["type"] == "response.output_text.delta")
+    text += "".join(e.delta for e in rest if e.type == "response.output_text.delta")
+    assert text == rest[-1].response.output_text == client.responses.retrieve(response_id).output_text
+
+
+def test_cancel_stops_a_streaming_response_which_is_then_cancelled(serve: Serve, sdk: SDK) -> None:
+    server = serve(**SLOW)
+    client = sdk(server.url)
+    stream = client.responses.create(model=MODEL, input="cancel me", stream=True)
+    events = []
+    for event in stream:
+        events.append(event)
+        if len(events) == 8:
+            cancelled = client.responses.cancel(events[0].response.id)
+    assert cancelled.status == "cancelled"
+    last = events[-1]
+    assert last.type == "response.incomplete"
+    assert last.response.status == "cancelled"
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert last.response.output_text == cancelled.output_text == text
+    assert 0 < len([e for e in events if e.type == "response.output_text.delta"]) < 60
+    again = client.responses.cancel(events[0].response.id)  # ended: returned as it is
+    assert again.status == "cancelled"
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve("resp_nope.msg_nope", stream=True).close()

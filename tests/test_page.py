@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import struct
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,8 +38,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]
         yield s
 
 
-@pytest.fixture
-def page(server: GunicornServer, tmp_path: Path) -> Iterator[Any]:
+@contextlib.contextmanager
+def browser_page(url: str, timeout_ms: int = 15_000) -> Iterator[Any]:
+    """A page of a real headless Chromium, opened at ``url``."""
     chromium = require_binary("chromium", "apt-get install chromium")
     from playwright.sync_api import sync_playwright
 
@@ -43,11 +48,17 @@ def page(server: GunicornServer, tmp_path: Path) -> Iterator[Any]:
         browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page()
-            page.set_default_timeout(15_000)
-            page.goto(server.url)
+            page.set_default_timeout(timeout_ms)
+            page.goto(url)
             yield page
         finally:
             browser.close()
+
+
+@pytest.fixture
+def page(server: GunicornServer, tmp_path: Path) -> Iterator[Any]:
+    with browser_page(server.url) as page:
+        yield page
 
 
 def _send(page: Any, text: str) -> list[int]:
@@ -167,3 +178,160 @@ def test_an_openai_error_is_shown_with_its_code(page: Any, server: GunicornServe
     page.click("#send")
     page.wait_for_function("document.querySelector('#messages').innerText.includes('response_not_found')")
     assert "HTTP 404" in (page.locator(".message.assistant .error").last.text_content() or "")
+
+
+@pytest.mark.parametrize("wire", ["chat", "responses"])
+def test_stop_ends_the_reply_on_the_server_and_it_is_stored_as_stopped(
+    page: Any, server: GunicornServer, wire: str
+) -> None:
+    page.select_option("#protocol", wire)
+    page.fill("#input", "A long reply, please")
+    page.click("#send")
+    reply = page.locator(".message.assistant").last
+    last = "document.querySelector('.message.assistant:last-child')"
+    page.wait_for_function(f"() => ({last}.querySelector('.content') || {{}}).textContent?.length > 20")
+    page.click("#stop")
+    page.wait_for_function(
+        "() => document.querySelector('.message.assistant:last-child').dataset.state !== 'streaming'"
+    )
+    assert reply.get_attribute("data-state") == "complete"  # ended by the server, not cut off
+    assert "finish: stopped" in (reply.locator(".meta").text_content() or "")
+    shown = reply.locator(".content").text_content()
+    if wire == "chat":
+        conversation_id = page.text_content("#conversation-id")
+        stored = httpx.get(f"{server.url}/conversations/{conversation_id}").json()["messages"][-1]
+    else:
+        conversations = httpx.get(f"{server.url}/conversations").json()["conversations"]
+        newest = conversations[0]["id"]
+        stored = httpx.get(f"{server.url}/conversations/{newest}").json()["messages"][-1]
+    assert stored["finish_reason"] == "stopped"
+    assert stored["content"] == shown
+
+
+# --- resuming: a network drop and a reload mid-reply (a reply long enough to be cut) ---
+
+LONG = {**ENV, "CHATSSE_SIM_TOKEN_INTERVAL_MS": "20", "CHATSSE_SIM_REPLY_TOKENS_MIN": "150",
+        "CHATSSE_SIM_REPLY_TOKENS_MAX": "150", "CHATSSE_SSE_RETRY_MS": "300"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def long_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
+    store = f"sqlite:///{tmp_path_factory.mktemp('page-resume') / 'c.db'}"
+    with GunicornServer(workers=2, store=store, env=LONG) as s:
+        yield s
+
+
+@pytest.fixture
+def long_page(long_server: GunicornServer) -> Iterator[Any]:
+    with browser_page(long_server.url, 20_000) as page:
+        yield page
+
+
+LAST = "document.querySelector('.message.assistant:last-child')"
+
+
+def _reply_started(page: Any) -> None:
+    page.wait_for_function(f"() => ({LAST}?.querySelector('.content') || {{}}).textContent?.length > 40")
+
+
+def _one_whole_turn(page: Any, server: GunicornServer) -> None:
+    """The page shows one completed reply, the one the server stored, and no second turn."""
+    page.wait_for_function(f"() => {LAST}?.dataset.state === 'complete'")
+    conversation_id = page.text_content("#conversation-id")
+    stored = httpx.get(f"{server.url}/conversations/{conversation_id}").json()["messages"]
+    assert [m["role"] for m in stored] == ["user", "assistant"]  # no duplicate turn
+    assert stored[1]["finish_reason"] == "stop"
+    assert page.locator(".message.assistant").count() == 1
+    assert page.locator(".message.assistant .content").text_content() == stored[1]["content"]
+
+
+class CuttableLink:
+    """A TCP relay between the browser and the server that can drop every connection at
+    once and refuse new ones for a while: the network going away under an open stream
+    (DevTools' offline mode fails new requests but leaves open connections alone)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.down = False
+        self._open: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.down:
+                client.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            with self._lock:
+                self._open += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        """The network goes down: every open connection is reset, new ones are refused."""
+        self.down = True
+        with self._lock:
+            sockets, self._open = self._open, []
+        for s in sockets:  # shutdown first: it wakes the relay's threads blocked on them
+            with contextlib.suppress(OSError):
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def restore(self) -> None:
+        self.down = False
+
+    def close(self) -> None:
+        self.cut()
+        self.listener.close()
+
+
+def test_after_a_network_drop_the_page_resumes_the_reply(long_server: GunicornServer) -> None:
+    link = CuttableLink(int(long_server.url.rsplit(":", 1)[1]))
+    try:
+        with browser_page(f"http://127.0.0.1:{link.port}", 20_000) as page:
+            page.fill("#input", "Tell me a long story")
+            page.click("#send")
+            _reply_started(page)
+            cdp = page.context.new_cdp_session(page)
+            cdp.send("Network.enable")
+            conditions = {"offline": True, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1}
+            cdp.send("Network.emulateNetworkConditions", conditions)  # the browser is offline
+            link.cut()  # and its open connections are gone
+            page.wait_for_function("() => document.querySelector('#status').textContent === 'reconnecting'")
+            page.wait_for_timeout(700)  # offline for a while: reconnecting fails, and is tried again
+            link.restore()
+            cdp.send("Network.emulateNetworkConditions", {**conditions, "offline": False})
+            _one_whole_turn(page, long_server)
+    finally:
+        link.close()
+
+
+def test_a_page_reloaded_mid_reply_shows_the_whole_reply(long_page: Any, long_server: GunicornServer) -> None:
+    page = long_page
+    page.fill("#input", "Another long story")
+    page.click("#send")
+    _reply_started(page)
+    page.reload()
+    page.wait_for_function("() => document.querySelectorAll('.message.user').length === 1")
+    assert page.locator(".message.user .content").text_content() == "Another long story"
+    _one_whole_turn(page, long_server)

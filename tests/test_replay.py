@@ -17,6 +17,7 @@ from support import FakeClock
 
 from chatsse.replay import Replay, ReplayLimits, ReplayLog, ReplayMeta, ReplayWrite, append, open_replay_log
 from chatsse.replay.memory import MemoryReplayLog
+from chatsse.replay.signals import RESUMED, STOP, SQLiteSignals, open_signals
 from chatsse.stores import ConversationStore, StoreLimits, open_store
 
 KINDS = ["memory", "sqlite", "redis"]
@@ -261,3 +262,71 @@ async def test_the_recorder_writes_a_stream_that_ends_while_a_write_is_on_its_wa
     assert replay.items == ["open", " a", " b", " c", "last"]
     assert replay.complete
     await recorder.aclose(within=1)
+
+
+# --- signals to the worker streaming a reply (chatsse/replay/signals.py) ---
+
+
+async def _received(got: list[Any], count: int, within: float = 3.0) -> bool:
+    """Whether ``got`` holds ``count`` items within ``within`` seconds (looking every 5 ms)."""
+    for _ in range(int(within / 0.005)):
+        if len(got) >= count:
+            return True
+        await asyncio.sleep(0.005)
+    return len(got) >= count
+
+
+@pytest.mark.anyio
+async def test_a_signal_reaches_the_watcher_of_its_reply_through_another_store_object(logs: Logs) -> None:
+    """Two store objects on one database stand for two workers (memory: one process)."""
+    stores = [open_store(logs.url, StoreLimits(3600, 100, 100), timeout=5) for _ in range(2)]
+    logs.stores += stores
+    watcher = open_signals(stores[0])
+    sender = watcher if logs.kind == "memory" else open_signals(stores[1])
+    got: list[str] = []
+    other: list[str] = []
+    try:
+        watcher.watch("msg_a", got.append)
+        watcher.watch("msg_b", other.append)
+        await asyncio.sleep(0.1)  # the watcher's subscription or first poll
+        await sender.send("msg_a", STOP)
+        await sender.send("msg_a", RESUMED)
+        await sender.send("msg_nobody", STOP)  # nobody watches it: dropped
+        assert await _received(got, 2)
+        assert got == [STOP, RESUMED]
+        watcher.unwatch("msg_a")
+        await sender.send("msg_a", STOP)
+        await sender.send("msg_b", STOP)
+        assert await _received(other, 1)
+        assert other == [STOP]
+        assert got == [STOP, RESUMED]  # unwatched: no more
+    finally:
+        await watcher.close()
+        if sender is not watcher:
+            await sender.close()
+
+
+@pytest.mark.anyio
+async def test_sqlite_signals_arrive_within_a_few_poll_intervals(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'chat.db'}"
+    one, two = (open_store(url, StoreLimits(3600, 100, 100), timeout=5) for _ in range(2))
+    watcher, sender = open_signals(one), open_signals(two)
+    assert isinstance(watcher, SQLiteSignals)
+    arrived: list[float] = []
+    try:
+        watcher.watch("msg_a", lambda kind: arrived.append(time.monotonic()))
+        await asyncio.sleep(0.1)
+        sent = []
+        for _ in range(20):
+            sent.append(time.monotonic())
+            await sender.send("msg_a", STOP)
+            await _received(arrived, len(sent))
+        assert len(arrived) == 20  # every one, in order, none twice
+        delays = sorted(a - s for a, s in zip(arrived, sent, strict=True))
+        print(f"SQLite signal delay: median {delays[10] * 1000:.1f} ms, max {delays[-1] * 1000:.1f} ms")
+        assert delays[10] < 20 * watcher.poll  # a generous bound on a shared machine; the figure is printed
+    finally:
+        await watcher.close()
+        await sender.close()
+        await one.close()
+        await two.close()

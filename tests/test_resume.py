@@ -43,6 +43,10 @@ def deltas(events: list[ServerSentEvent]) -> str:
     return "".join(json.loads(e.data)["delta"] for e in events if e.event == "message")
 
 
+def tokens(events: list[ServerSentEvent]) -> int:
+    return sum(e.event == "message" for e in events)
+
+
 def test_a_finished_stream_replays_the_same_events_from_any_point(serve: Serve) -> None:
     server = serve()
     with httpx.Client(base_url=server.url, timeout=10) as client:
@@ -86,25 +90,128 @@ def test_a_second_reader_follows_a_reply_that_is_still_streaming(serve: Serve) -
     assert followed[-1].event == "completed"
 
 
-def test_a_client_that_left_resumes_to_an_interrupted_end(serve: Serve) -> None:
-    server = serve(**SLOW)
+def leave_early(
+    client: httpx.Client, count: int = 8, message: str = "I will leave early"
+) -> list[ServerSentEvent]:
+    """Stream a reply and close the connection after ``count`` events."""
+    events = []
+    with connect_sse(client, "POST", "/chat", json={"message": message}) as source:
+        for event in source.iter_sse():
+            events.append(event)
+            if len(events) == count:
+                break
+    return events
+
+
+def stored_reply(client: httpx.Client, events: list[ServerSentEvent], within: float = 10) -> dict[str, Any]:
+    conversation = f"/conversations/{json.loads(events[0].data)['conversation_id']}"
+    assert wait_for(lambda: len(client.get(conversation).json()["messages"]) == 2, within)
+    reply: dict[str, Any] = client.get(conversation).json()["messages"][1]
+    return reply
+
+
+def test_with_no_resume_window_a_client_that_leaves_stops_the_reply_at_once(serve: Serve) -> None:
+    server = serve(**SLOW, resume_window=0)  # 60 tokens, 1.2 s
     with httpx.Client(base_url=server.url, timeout=20) as client:
-        events = []
-        with connect_sse(client, "POST", "/chat", json={"message": "I will leave early"}) as source:
-            for event in source.iter_sse():
-                events.append(event)
-                if len(events) == 8:
-                    break  # the connection closes: the reply stops (and is stored) at once
-        connected = json.loads(events[0].data)
-        conversation = f"/conversations/{connected['conversation_id']}"
-        assert wait_for(lambda: len(client.get(conversation).json()["messages"]) == 2, 5)
+        began = time.monotonic()
+        events = leave_early(client)
+        stored = stored_reply(client, events, within=5)
+        took = time.monotonic() - began
         time.sleep(0.3)  # the log's last write
-        rest = resume(client, connected["resume_url"], events[-1].id)
-        stored = client.get(conversation).json()["messages"][1]
+        rest = resume(client, json.loads(events[0].data)["resume_url"], events[-1].id)
     assert stored["finish_reason"] == "interrupted"
     assert deltas(events) + deltas(rest) == stored["content"]
+    assert tokens(events) + tokens(rest) < 20  # cut where the client left, not generated on
+    assert took < 1.0  # stored at the disconnect, before the reply could have finished
     assert rest[-1].event == "error"
     assert json.loads(rest[-1].data)["type"] == "interrupted"
+
+
+def test_a_reply_whose_client_left_goes_on_for_the_window_then_is_interrupted(serve: Serve) -> None:
+    server = serve(**SLOW, resume_window=0.4)  # 60 tokens 20 ms apart: 1.2 s, longer than the window
+    with httpx.Client(base_url=server.url, timeout=20) as client:
+        events = leave_early(client)
+        stored = stored_reply(client, events)
+        time.sleep(0.3)
+        rest = resume(client, json.loads(events[0].data)["resume_url"], events[-1].id)
+    assert stored["finish_reason"] == "interrupted"
+    assert deltas(events) + deltas(rest) == stored["content"]
+    assert 5 < tokens(rest) < 50  # about 0.4 s more of tokens (20 ms each), not the whole reply
+    assert json.loads(rest[-1].data)["type"] == "interrupted"
+
+
+def test_a_client_that_comes_back_within_the_window_gets_the_whole_reply(serve: Serve) -> None:
+    server = serve(**SLOW, resume_window=0.3)
+    with httpx.Client(base_url=server.url, timeout=20) as client:
+        events = leave_early(client)
+        time.sleep(0.1)  # offline for a moment
+        # The resumed stream reads the log while the reply goes on, for longer than the
+        # window: its reads keep the reply generating.
+        rest = resume(client, json.loads(events[0].data)["resume_url"], events[-1].id)
+        stored = stored_reply(client, events)
+    assert rest[-1].event == "completed", rest[-1].data
+    completed = json.loads(rest[-1].data)
+    assert stored["finish_reason"] == completed["finish_reason"] == "stop"
+    assert deltas(events) + deltas(rest) == stored["content"] == completed["content"]
+    assert tokens(events) + tokens(rest) == completed["usage"]["completion_tokens"] >= 60  # all of it
+
+
+def stream_in_thread(
+    url: str, message: str
+) -> tuple[threading.Thread, list[ServerSentEvent], threading.Event]:
+    """Stream a reply from a thread; the list fills with its events, the event is set at the first."""
+    events: list[ServerSentEvent] = []
+    started = threading.Event()
+
+    def run() -> None:
+        with (
+            httpx.Client(base_url=url, timeout=30) as client,
+            connect_sse(client, "POST", "/chat", json={"message": message}) as source,
+        ):
+            for event in source.iter_sse():
+                events.append(event)
+                started.set()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, events, started
+
+
+def stop_url(connected: dict[str, Any]) -> str:
+    return connected["resume_url"].removesuffix("/events") + "/stop"
+
+
+def test_stop_ends_the_reply_for_every_reader_and_stores_it_as_stopped(serve: Serve) -> None:
+    server = serve(**SLOW)
+    thread, events, started = stream_in_thread(server.url, "stop me")
+    assert started.wait(10)
+    with httpx.Client(base_url=server.url, timeout=20) as client:
+        connected = json.loads(events[0].data)
+        follower: list[ServerSentEvent] = []
+        reader = threading.Thread(target=lambda: follower.extend(resume(client, connected["resume_url"])))
+        reader.start()
+        time.sleep(0.4)  # some tokens in
+        answer = client.post(stop_url(connected))
+        thread.join(10)
+        reader.join(10)
+        stored = stored_reply(client, events)
+        again = client.post(stop_url(connected))  # it has ended: nothing to stop
+        unknown = client.post(stop_url(connected).replace(connected["message_id"], "msg_nope"))
+    assert answer.status_code == 200
+    body = answer.json()
+    assert body["stopped"] is True
+    assert body["finish_reason"] == stored["finish_reason"] == "stopped"
+    assert body["content"] == stored["content"] == deltas(events)
+    assert 0 < tokens(events) < 60
+    for stream in (events, follower):
+        assert stream[-1].event == "completed"
+        assert json.loads(stream[-1].data)["finish_reason"] == "stopped"
+        assert deltas(stream) == stored["content"]
+    assert again.status_code == 200
+    assert again.json()["stopped"] is False
+    assert again.json()["finish_reason"] == "stopped"
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["type"] == "replay_not_found"
 
 
 def test_unknown_foreign_and_expired_streams_are_404_and_410(serve: Serve) -> None:
@@ -262,3 +369,46 @@ def test_without_replay_logs_nothing_is_written_and_resuming_is_404(serve: Serve
         response = client.get(first.data("connected")["resume_url"])
     assert response.status_code == 404
     assert "CHATSSE_REPLAY_LOG" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_a_stop_sent_to_another_server_ends_the_reply_for_every_reader(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Two gunicorns (two workers each) on one store: every reply streams from one and is
+    stopped through the other, so the stop always crosses processes."""
+    store = _store(kind, tmp_path, request)
+    env = {**ENV, "CHATSSE_SIM_TOKEN_INTERVAL_MS": "20", "CHATSSE_SIM_REPLY_TOKENS_MIN": "200",
+           "CHATSSE_SIM_REPLY_TOKENS_MAX": "200"}  # fmt: skip
+    latencies = []
+    with (
+        GunicornServer(workers=2, store=store, env=env) as producing,
+        GunicornServer(workers=2, store=store, env=env) as stopping,
+        _fresh(stopping.url) as client,
+    ):
+        for reply in range(8):
+            thread, events, started = stream_in_thread(producing.url, f"stop {reply}")
+            assert started.wait(10)
+            connected = json.loads(events[0].data)
+            follower: list[ServerSentEvent] = []
+            reader = threading.Thread(
+                target=lambda c=connected, f=follower: f.extend(resume(client, c["resume_url"]))
+            )
+            reader.start()
+            time.sleep(0.3)
+            sent = time.monotonic()
+            answer = client.post(stop_url(connected))
+            thread.join(10)
+            reader.join(10)
+            assert not thread.is_alive()
+            assert not reader.is_alive()
+            latencies.append(time.monotonic() - sent)
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["stopped"] is True
+            stored = stored_reply(client, events)
+            assert stored["finish_reason"] == "stopped"
+            for stream in (events, follower):
+                assert stream[-1].event == "completed"
+                assert json.loads(stream[-1].data)["finish_reason"] == "stopped"
+                assert deltas(stream) == stored["content"]
+    print(f"{kind}: stop answered and both readers ended within {max(latencies) * 1000:.0f} ms (max of 8)")

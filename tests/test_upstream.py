@@ -230,7 +230,7 @@ def test_a_client_that_disconnects_aborts_the_upstream_request_at_once(
 ) -> None:
     fake, _ = upstream
     fake.tokens, fake.token_delay = 400, 0.02  # 8 s of reply
-    server = front()
+    server = front(resume_window=0)  # a client that leaves stops its reply at once
 
     def read_a_little(path: str, body: dict[str, Any]) -> None:
         with (

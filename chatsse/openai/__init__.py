@@ -3,7 +3,9 @@
 
 - ``POST /v1/chat/completions``: Chat Completions, stateless (chatsse/openai/completions.py);
 - ``POST /v1/responses``, ``GET`` and ``DELETE /v1/responses/{id}``: the Responses API, its
-  conversation state in chatsse's stores (chatsse/openai/responses.py);
+  conversation state in chatsse's stores (chatsse/openai/responses.py); ``GET`` with
+  ``stream=true`` resumes a streamed response after ``starting_after`` (its replay log,
+  chatsse/resume.py), on any worker, and ``POST /v1/responses/{id}/cancel`` stops one;
 - ``GET /v1/models``: the one model the engine serves.
 
 What each accepts is chatsse/openai/requests.py; README, "OpenAI APIs", lists it.
@@ -11,17 +13,20 @@ What each accepts is chatsse/openai/requests.py; README, "OpenAI APIs", lists it
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import contextlib
+import time
+from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import Request
+from fastapi import Query, Request
 from starlette.responses import JSONResponse, Response
 
-from chatsse.errors import ApiError, ConversationBusy
+from chatsse.errors import ApiError, ConversationBusy, ReplayNotFound, ResponseNotFound
 from chatsse.models import ErrorBody
 from chatsse.openai.completions import ChatCompletionsEndpoint
 from chatsse.openai.requests import ChatCompletionRequest, ResponsesRequest
-from chatsse.openai.responses import ResponsesEndpoint, stored_response
+from chatsse.openai.responses import FRONT, ResponseHead, ResponseReplay, ResponsesEndpoint, stored_response
 from chatsse.openai.wire import api_error, parse_response_id
+from chatsse.resume import find_replay, resume_response, stop_reply
 from chatsse.state import AppState
 
 if TYPE_CHECKING:
@@ -69,12 +74,63 @@ def add_openai_routes(app: ChatsseApp, state: AppState) -> None:
         }
         return {"object": "list", "data": [model]}
 
-    @app.get("/v1/responses/{response_id}", responses=_ERRORS, tags=["openai"])
-    async def get_response(response_id: str) -> Response:
+    @app.get("/v1/responses/{response_id}", responses={200: _STREAM, **_ERRORS}, tags=["openai"])
+    async def get_response(
+        response_id: str,
+        stream: Annotated[
+            bool, Query(description="stream the response's events from its replay log")
+        ] = False,
+        starting_after: Annotated[
+            int | None, Query(ge=-1, description="with stream: the events after this sequence number")
+        ] = None,
+    ) -> Response:
         async def found() -> Response:
-            return JSONResponse(await stored_response(state.manager, state.engine.name, response_id))
+            if stream:
+                return await _resume(response_id, starting_after)
+            try:
+                return JSONResponse(await stored_response(state.manager, state.engine.name, response_id))
+            except ResponseNotFound:  # not stored yet: still streaming?
+                return JSONResponse(await _in_progress(response_id))
 
         return await _answer(found())
+
+    async def _resume(value: str, starting_after: int | None) -> Response:
+        conversation_id, message_id = parse_response_id(value)
+        renderer = ResponseReplay(_head(value, message_id), starting_after)
+        try:
+            first = await find_replay(state, conversation_id, message_id, FRONT, renderer.after)
+        except ReplayNotFound:
+            raise ResponseNotFound(f"No streamed response with id '{value}' to resume.") from None
+        return resume_response(state, message_id, renderer, first)
+
+    async def _in_progress(value: str) -> dict[str, Any]:
+        conversation_id, message_id = parse_response_id(value)
+        try:
+            replay = await find_replay(state, conversation_id, message_id, FRONT)
+        except ReplayNotFound:
+            raise ResponseNotFound(f"Response with id '{value}' not found.") from None
+        if replay.done:  # ended between the two reads
+            return await stored_response(state.manager, state.engine.name, value)
+        return _head(value, message_id).object("in_progress")
+
+    def _head(value: str, message_id: str) -> ResponseHead:
+        return ResponseHead(id=value, item_id=message_id, model=state.engine.name, created_at=time.time())
+
+    @app.post("/v1/responses/{response_id}/cancel", responses=_ERRORS, tags=["openai"])
+    async def cancel_response(response_id: str) -> Response:
+        """Stops a streaming response, from any worker; it is stored, and read back, as
+        ``cancelled``. A response that has ended is returned as it is."""
+
+        async def cancelled() -> Response:
+            conversation_id, message_id = parse_response_id(response_id)
+            with contextlib.suppress(ReplayNotFound):  # not streamed, or long ended
+                await stop_reply(state, conversation_id, message_id, FRONT)
+            try:
+                return JSONResponse(await stored_response(state.manager, state.engine.name, response_id))
+            except ResponseNotFound:  # its worker has not confirmed the stop yet
+                return JSONResponse(await _in_progress(response_id))
+
+        return await _answer(cancelled())
 
     @app.delete("/v1/responses/{response_id}", responses=_ERRORS, tags=["openai"])
     async def delete_response(response_id: str) -> Response:

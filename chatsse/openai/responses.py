@@ -21,6 +21,7 @@ The stream, each event with ``event: <type>`` and a ``sequence_number`` from 0::
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,7 +47,15 @@ from chatsse.protocol import FinishReason
 from chatsse.sse import dumps
 from chatsse.turns import Begun, StoredReply, TurnResult, Unstored, open_turn
 
-__all__ = ["ResponseBody", "ResponseEvents", "ResponseHead", "ResponsesEndpoint", "stored_response"]
+__all__ = [
+    "FRONT",
+    "ResponseBody",
+    "ResponseEvents",
+    "ResponseHead",
+    "ResponseReplay",
+    "ResponsesEndpoint",
+    "stored_response",
+]
 
 _escape: Callable[[str], str] = json.encoder.encode_basestring
 _DELTA: Final = "response.output_text.delta"
@@ -55,7 +64,12 @@ _STATUS: Final[dict[str, tuple[str, str | None]]] = {
     "stop": ("completed", None),
     "length": ("incomplete", "max_output_tokens"),
     "interrupted": ("incomplete", "interrupted"),
+    "stopped": ("cancelled", None),
 }
+FRONT: Final = "responses"  # the name its replay logs carry (chatsse/replay/)
+OPENING_EVENTS: Final = 4  # the events of ResponseEvents.opening: sequence numbers 0 to 3
+CLOSING_EVENTS: Final = 4  # at most, in the last item: ResponseEvents.completed's
+_SEQUENCE = re.compile(rb'"sequence_number":(\d+)\}$')
 
 
 @dataclass(slots=True)
@@ -94,7 +108,7 @@ class ResponseHead:
         error: dict[str, Any] | None = None,
         incomplete: str | None = None,
     ) -> dict[str, Any]:
-        done = status in ("completed", "incomplete")
+        done = status in ("completed", "incomplete", "cancelled")
         return {
             "id": self.id,
             "object": "response",
@@ -187,12 +201,50 @@ class ResponseEvents:
             self._event("response.output_text.done", **where, text=result.content, logprobs=[])
             + self._event("response.content_part.done", **where, part=_text_part(result.content))
             + self._event("response.output_item.done", output_index=0, item=final["output"][0])
-            + self._event(f"response.{final['status']}", response=final)
+            # A cancelled (stopped) response ends as incomplete: the SDK has no other event for it.
+            + self._event(
+                f"response.{'completed' if final['status'] == 'completed' else 'incomplete'}", response=final
+            )
         ).encode()
 
     def error(self, error_type: str, message: str) -> bytes:
         failed = self.head.object("failed", error={"code": error_type, "message": message})
         return self._event("response.failed", response=failed).encode()
+
+
+class ResponseReplay:
+    """A Responses stream read back from its replay log (chatsse/resume.py), after the event
+    with sequence number ``starting_after``: the log's item ``i`` (a token, from 1) is the
+    event with sequence number ``i + 3``; its first and last items hold several events each,
+    of which only those after ``starting_after`` are sent."""
+
+    def __init__(self, head: ResponseHead, starting_after: int | None) -> None:
+        self.events = ResponseEvents(head)
+        self.starting_after = -1 if starting_after is None else starting_after
+        # Read from far enough back that the item holding ``starting_after`` is read: it may be
+        # the last item, whose events begin at a number the log cannot say before it is read.
+        self.after = max(-1, self.starting_after - (OPENING_EVENTS - 1) - CLOSING_EVENTS)
+
+    def _after_start(self, item: str) -> bytes:
+        kept = []
+        for event in item.encode().split(b"\n\n"):
+            found = _SEQUENCE.search(event)
+            if found is not None and int(found[1]) > self.starting_after:
+                kept.append(event + b"\n\n")
+        return b"".join(kept)
+
+    def event(self, position: int, item: str, last: bool) -> bytes:
+        if position == 0 or last:
+            return self._after_start(item)
+        seq = position + OPENING_EVENTS - 1
+        if seq <= self.starting_after:
+            return b""
+        self.events.seq = seq
+        return self.events.delta(item)
+
+    def error(self, error_type: str, message: str, position: int) -> bytes:
+        self.events.seq = position + OPENING_EVENTS - 1
+        return self.events.error(error_type, message)
 
 
 class ResponseBody(BufferedAnswer):
@@ -297,6 +349,7 @@ class ResponsesEndpoint(OpenAIEndpoint):
             max_tokens=min(body.max_output_tokens or limit, limit),
             options=body.options(),
             buffered=not body.stream,
+            replay_front=FRONT if body.stream and settings.replay_log else None,
         )
 
 

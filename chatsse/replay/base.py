@@ -70,7 +70,7 @@ class Replay:
     @property
     def complete(self) -> bool:
         """The read reached the end of a finished stream."""
-        return self.done and self.first + len(self.items) == self.length
+        return self.done and self.first + len(self.items) >= self.length
 
 
 class ReplayLog(Protocol):

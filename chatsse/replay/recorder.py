@@ -69,6 +69,10 @@ class ReplayRecorder:
         self._soon.set()  # its log exists as soon as it can, for a client that resumes at once
         return recording
 
+    def write_soon(self) -> None:
+        """Write without waiting for the tick (a client began to resume a stream)."""
+        self._soon.set()
+
     def finish(self, recording: Recording, final: str) -> None:
         """The stream ended with ``final``: its log is completed at once (the next write)."""
         if recording.final is None:
