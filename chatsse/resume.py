@@ -43,6 +43,7 @@ from chatsse.logs import get_logger
 from chatsse.models import ErrorBody, Message, StopOut
 from chatsse.protocol import ENDINGS, Outcome
 from chatsse.replay import Replay
+from chatsse.replay.recorder import FOLLOW_SPAN
 from chatsse.replay.signals import RESUMED, STOP
 from chatsse.sse import Emit, EventStreamResponse, dumps, encode_event
 from chatsse.state import AppState
@@ -119,15 +120,16 @@ class ResumeStream:
         self.first = first
         self.stale_after = stale_after
         self._signalled = -float("inf")
-        # A reader waits on the log no longer than it may go without signalling the producer.
-        self._wait = min(stale_after, self.window / 3) if self.window > 0 else stale_after
+        # Signals renew the producer's window (a third of it) and its quick writes (FOLLOW_SPAN);
+        # a reader waits on the log no longer than it may go without signalling.
+        self._signal_every = min(self.window / 3, FOLLOW_SPAN / 2) if self.window > 0 else FOLLOW_SPAN / 2
+        self._wait = min(stale_after, self._signal_every)
 
     async def _signal_resumed(self) -> None:
-        """Tell the producer a client reads its log: it writes what is pending at once (the
-        first signal), and keeps generating for its resume window (every third of it)."""
+        """Tell the producer a client reads its log: it writes its log at once and often
+        while followed (``FOLLOW_SPAN``), and keeps generating for its resume window."""
         now = time.monotonic()
-        first = self._signalled == -float("inf")
-        if first or (self.window > 0 and now - self._signalled >= self.window / 3):
+        if now - self._signalled >= self._signal_every:
             self._signalled = now
             try:
                 await self.signals.send(self.reply_id, RESUMED)

@@ -288,6 +288,11 @@ class TurnStream:
                     waiting = NEXT_TOKEN
                 slot.phase = WRITING
                 slot.wrote = True
+                if slot.disconnected:  # gone, kept for a resume: the log gets the tokens
+                    for text in batch:
+                        encode(text)  # unsent, but numbered: the events after it keep their ids
+                        append(text)
+                    continue
                 for text in batch:  # the per-token hot path: one event, one send
                     await send({"type": "http.response.body", "body": encode(text), "more_body": True})
                     append(text)
@@ -303,7 +308,7 @@ class TurnStream:
         else:  # a client resumes it: keep it going, and write what it has not read yet now
             self.slot.resumed()
             if self._plan is not None:
-                self._plan.recorder.write_soon()
+                self._plan.recorder.follow()
 
     async def stopped(self, reason: Outcome) -> bytes | None:
         """The stream was stopped mid-turn (``Slot.stop``): store what was sent; the last event

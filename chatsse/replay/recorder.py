@@ -24,7 +24,9 @@ from chatsse.errors import StorageUnavailable
 from chatsse.logs import get_logger
 from chatsse.replay.base import ReplayLog, ReplayMeta, ReplayWrite
 
-__all__ = ["Recording", "ReplayRecorder"]
+__all__ = ["FOLLOW_SPAN", "Recording", "ReplayRecorder"]
+
+FOLLOW_SPAN = 5.0  # seconds a reader's signal keeps the recorder writing every follow_interval
 
 log = get_logger("chatsse.replay")
 
@@ -53,9 +55,13 @@ class Recording:
 
 
 class ReplayRecorder:
-    def __init__(self, replay_log: ReplayLog, *, interval: float, heartbeat: float = 1.0) -> None:
+    def __init__(
+        self, replay_log: ReplayLog, *, interval: float, heartbeat: float = 1.0, follow_interval: float = 0.05
+    ) -> None:
         self.log = replay_log
         self.interval = interval
+        self.follow_interval = min(interval, follow_interval)
+        self._followed_until = 0.0
         self.heartbeat = heartbeat
         self._recordings: set[Recording] = set()
         self._task: asyncio.Task[None] | None = None
@@ -69,8 +75,10 @@ class ReplayRecorder:
         self._soon.set()  # its log exists as soon as it can, for a client that resumes at once
         return recording
 
-    def write_soon(self) -> None:
-        """Write without waiting for the tick (a client began to resume a stream)."""
+    def follow(self) -> None:
+        """A client is reading a stream's log as it grows: write now, then every
+        ``follow_interval`` seconds for the next ``FOLLOW_SPAN`` (readers renew it)."""
+        self._followed_until = time.monotonic() + FOLLOW_SPAN
         self._soon.set()
 
     def finish(self, recording: Recording, final: str) -> None:
@@ -82,8 +90,9 @@ class ReplayRecorder:
     async def _run(self) -> None:
         try:
             while self._recordings:
+                followed = time.monotonic() < self._followed_until
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.interval):
+                    async with asyncio.timeout(self.follow_interval if followed else self.interval):
                         await self._soon.wait()
                 self._soon.clear()
                 try:
