@@ -13,6 +13,7 @@ real sockets (the process helpers are ``scripts/bench_server.py``'s).
    connection while it streams: the time from sending the stop to the streaming client's
    last event (``completed``, ``finish_reason: "stopped"``).
 
+Both latencies are measured on SQLite, then on Redis when ``redis-server`` is installed.
 The latencies are taken with the rest of the machine idle (one reply at a time), so they
 show the protocol's own delays (the log's flush interval, the signal's poll), not queueing.
 
@@ -22,17 +23,30 @@ Usage: ``python scripts/bench_resume.py [--quick] [--output build/bench_resume.j
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
+import shutil
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import aiohttp
-from bench_server import bench_arguments, bench_runner, cpu_per_event_steady, reply_env, running, write_report
+from bench_server import (
+    bench_arguments,
+    bench_runner,
+    cpu_per_event_steady,
+    free_port,
+    reply_env,
+    running,
+    write_report,
+)
 
 from chatsse.eventstream import EventStreamParser
 from chatsse.processes import GunicornServer
@@ -144,31 +158,69 @@ def _percentiles(seconds: list[float]) -> dict[str, float]:
     return {"p50_ms": 1000 * at(0.50), "p99_ms": 1000 * at(0.99), "max_ms": 1000 * ordered[-1]}
 
 
+@contextlib.contextmanager
+def redis_url() -> Iterator[str | None]:
+    """A throwaway ``redis-server`` (no persistence) on a free port; None without the binary."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        yield None
+        return
+    port = free_port()
+    with tempfile.TemporaryDirectory() as directory:
+        command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        process = subprocess.Popen(
+            command, cwd=directory, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError("redis-server did not start")
+                time.sleep(0.05)
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            process.terminate()
+            process.wait(10)
+
+
 async def latencies(plan: Plan, log: Any) -> dict[str, Any]:
+    """Resume and stop latency over a 4-worker gunicorn on SQLite, and on Redis if installed."""
     env = {
         **reply_env("chatsse", tokens=plan.reply_tokens, interval_ms=plan.token_interval_ms),
         "CHATSSE_SIM_REPLY_TOKENS_MIN": str(plan.reply_tokens),
     }
-    with (
-        tempfile.TemporaryDirectory() as directory,
-        GunicornServer(workers=4, store=f"sqlite:///{directory}/c.db", env=env) as server,
-    ):
-        resumed = await resume_latency(server.url, plan, random.Random(5))
-        print(f"resume: {resumed}", file=log)
-        stopped = await stop_latency(server.url, plan)
-        print(f"stop: {stopped}", file=log)
-    return {"resume": resumed, "stop": stopped}
+    found: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as directory, redis_url() as redis:
+        stores = {"sqlite": f"sqlite:///{directory}/c.db", **({"redis": redis} if redis else {})}
+        for kind, store in stores.items():
+            with GunicornServer(workers=4, store=store, env=env) as server:
+                resumed = await resume_latency(server.url, plan, random.Random(5))
+                print(f"{kind} resume: {resumed}", file=log)
+                stopped = await stop_latency(server.url, plan)
+                print(f"{kind} stop: {stopped}", file=log)
+            found[kind] = {"resume": resumed, "stop": stopped}
+    return found
 
 
 def table(report: dict[str, Any]) -> str:
-    cost, lat = report["log_cost"], report["latency"]
+    cost = report["log_cost"]
     rows = [
         ("server CPU per event, log off (us)", f"{cost['us_per_event_log_off']:.2f}"),
         ("server CPU per event, log on (us)", f"{cost['us_per_event_log_on']:.2f}"),
         ("log on / off", f"{cost['ratio']:.2f}x"),
-        ("resume latency p50 / p99 (ms)", f"{lat['resume']['p50_ms']:.1f} / {lat['resume']['p99_ms']:.1f}"),
-        ("stop latency p50 / p99 (ms)", f"{lat['stop']['p50_ms']:.1f} / {lat['stop']['p99_ms']:.1f}"),
     ]
+    for kind, lat in report["latency"].items():
+        for what in ("resume", "stop"):
+            rows.append(
+                (
+                    f"{kind}: {what} latency p50 / p99 (ms)",
+                    f"{lat[what]['p50_ms']:.1f} / {lat[what]['p99_ms']:.1f}",
+                )
+            )
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
@@ -184,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
               "seconds": time.monotonic() - started}  # fmt: skip
     print(table(report))
     write_report(report, args.output)
-    if latency["resume"]["mismatches"] or latency["stop"]["not_stopped"]:
+    if any(lat["resume"]["mismatches"] or lat["stop"]["not_stopped"] for lat in latency.values()):
         print("a resumed reply differed from its completed content, or a stop did not stop", file=sys.stderr)
         return 1
     return 0
