@@ -66,7 +66,9 @@ def llama() -> Iterator[LlamaCppServer]:
 @pytest.fixture(scope="module")
 def front(llama: LlamaCppServer) -> Iterator[UvicornServer]:
     """chatsse (one uvicorn child process) whose upstream engine is the llama server."""
-    env = {**llama.upstream_env(), "CHATSSE_LOG_LEVEL": "warning"}
+    # No resume window: the model generates one reply at a time, so a reply its client left
+    # must free it at once rather than generate on for a client that might come back.
+    env = {**llama.upstream_env(), "CHATSSE_LOG_LEVEL": "warning", "CHATSSE_RESUME_WINDOW": "0"}
     with UvicornServer(env=env) as server:
         yield server
 
