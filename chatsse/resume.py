@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from typing import Annotated, Any, Protocol
 
 from fastapi import FastAPI, Header, Query
@@ -209,12 +210,12 @@ def resume_response(state: AppState, reply_id: str, renderer: ReplayRenderer, fi
     return EventStreamResponse(ResumeStream(state, slot, reply_id, renderer, first, stale_after(state)), slot)
 
 
+@dataclass(frozen=True, slots=True)
 class StoppedReply:
     """What a stop found: the stored reply once it ended (None: it did not end in time)."""
 
-    def __init__(self, message: Message | None, stopped: bool) -> None:
-        self.message = message
-        self.stopped = stopped  # this stop ended it (else it had ended already)
+    message: Message | None
+    stopped: bool  # this stop ended it (else it had ended already)
 
 
 async def stop_reply(state: AppState, conversation_id: str, message_id: str, front: str) -> StoppedReply:

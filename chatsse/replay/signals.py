@@ -121,10 +121,7 @@ class MemorySignals(_Watching):
         asyncio.get_running_loop().call_soon(self._deliver, reply_id, kind)
 
     def watch(self, reply_id: str, on_signal: OnSignal) -> None:
-        self._watchers[reply_id] = on_signal  # nothing to listen to
-
-    async def _listen(self) -> None:
-        return None
+        self._watchers[reply_id] = on_signal  # nothing to listen to: no task
 
 
 _SCHEMA = """
