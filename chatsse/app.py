@@ -18,12 +18,15 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from chatsse import __version__
+from chatsse.auth import AuthMiddleware
 from chatsse.chat import add_chat_route
 from chatsse.conversations import ConversationManager
 from chatsse.deadlines import Deadlines, derive
 from chatsse.engine import Engine, SimulatedEngine
 from chatsse.errors import ApiError
+from chatsse.keys import KeyRing
 from chatsse.lifecycle import Lifecycle
+from chatsse.limits import TurnLimits, open_limiter
 from chatsse.logs import configure_logging, get_logger
 from chatsse.metrics import Metrics
 from chatsse.middleware import RequestContextMiddleware
@@ -118,7 +121,10 @@ def create_app(
     replay = open_replay_log(store, replay_limits)
     recorder = ReplayRecorder(replay, interval=settings.replay_flush_interval)
     signals = open_signals(store)
-    state = AppState(settings, deadlines, engine, manager, metrics, lifecycle, replay, recorder, signals)
+    turn_limits = TurnLimits(settings, open_limiter(store, lease_ttl=settings.limit_lease_ttl))
+    state = AppState(
+        settings, deadlines, engine, manager, metrics, lifecycle, replay, recorder, signals, turn_limits
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -128,6 +134,7 @@ def create_app(
             await lifecycle.aclose()  # bounded by the drain's own deadlines
             await recorder.aclose(within=deadlines.store)  # the streams' last items, before the store closes
             await signals.close()
+            await turn_limits.aclose()
             for step, bound in ((engine.aclose, deadlines.token_gap), (manager.aclose, 2 * deadlines.store)):
                 try:
                     async with asyncio.timeout(bound):
@@ -142,6 +149,12 @@ def create_app(
     add_openai_routes(app, state)
     add_resume_routes(app, state)
     add_routes(app, state)
+    if settings.keys_file:  # innermost: CORS answers a preflight, and a 401 is counted and logged
+        app.add_middleware(
+            AuthMiddleware,
+            keys=KeyRing(settings.keys_file),
+            operator_routes_open=settings.operator_routes_open,
+        )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -27,6 +27,7 @@ from starlette.responses import Response
 from starlette.types import Scope
 
 from chatsse import protocol
+from chatsse.auth import caller_of
 from chatsse.conversations import Turn
 from chatsse.endpoints import DirectEndpoint
 from chatsse.engine import DEFAULT_OPTIONS
@@ -151,7 +152,7 @@ class ChatEndpoint(DirectEndpoint):
 
         async def begin() -> Begun:
             nonlocal turn
-            turn = await manager.begin_turn(body.conversation_id, body.message)
+            turn = await manager.begin_turn(body.conversation_id, body.message, owner=caller_of(scope).owner)
             return Begun(turn.prompt, StoredReply(manager, turn), partial(manager.abandon, turn))
 
         def events(begun: Begun) -> ChatEvents:

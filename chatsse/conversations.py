@@ -49,6 +49,7 @@ class Turn:
     prompt: list[Message]
     new: bool  # the turn created the conversation
     token: str  # the fence: the store refuses this turn's reply once another turn holds the lock
+    owner: str = ""  # whose conversation it is (chatsse/keys.py; "" on a server without keys)
 
 
 class ConversationManager:
@@ -80,10 +81,10 @@ class ConversationManager:
             limit = f"{self.timeout:g} s (CHATSSE_STORE_TIMEOUT)"
             raise StorageUnavailable(f"the {self.store.name} store did not {what} within {limit}") from None
 
-    async def begin_turn(self, conversation_id: str | None, text: str) -> Turn:
+    async def begin_turn(self, conversation_id: str | None, text: str, *, owner: str) -> Turn:
         """Store the user's message and lock the conversation for the turn (creating the
-        conversation if ``conversation_id`` is None). The caller must end the turn with
-        :meth:`finish_turn` (or :meth:`cancel_turn`)."""
+        conversation, ``owner``'s, if ``conversation_id`` is None; another owner's is not
+        found). The caller must end the turn with :meth:`finish_turn` (or :meth:`cancel_turn`)."""
         new = conversation_id is None
         turn = Turn(
             conversation_id=new_id() if conversation_id is None else conversation_id,
@@ -92,9 +93,15 @@ class ConversationManager:
             prompt=[],
             new=new,
             token=new_id("turn_"),
+            owner=owner,
         )
         call = self.store.begin_turn(
-            turn.conversation_id, turn.user_message, token=turn.token, new=new, history=self.max_history
+            turn.conversation_id,
+            turn.user_message,
+            token=turn.token,
+            new=new,
+            history=self.max_history,
+            owner=owner,
         )
         try:
             turn.prompt = await self._bounded(call, "begin the turn")
@@ -209,22 +216,24 @@ class ConversationManager:
         await self.settle()
         await self.store.close()
 
-    # --- reads and management ---
+    # --- reads and management: each of one owner's conversations (another's is not found) ---
 
-    async def create(self) -> ConversationInfo:
-        return await self._bounded(self.store.create(new_id()), "create a conversation")
+    async def create(self, *, owner: str) -> ConversationInfo:
+        return await self._bounded(self.store.create(new_id(), owner=owner), "create a conversation")
 
-    async def get(self, conversation_id: str) -> ConversationInfo | None:
-        return await self._bounded(self.store.info(conversation_id), "read the conversation")
+    async def get(self, conversation_id: str, *, owner: str) -> ConversationInfo | None:
+        return await self._bounded(self.store.info(conversation_id, owner=owner), "read the conversation")
 
-    async def messages(self, conversation_id: str, limit: int | None = None) -> list[Message]:
-        return await self._bounded(self.store.messages(conversation_id, limit), "read the messages")
+    async def messages(self, conversation_id: str, limit: int | None = None, *, owner: str) -> list[Message]:
+        call = self.store.messages(conversation_id, limit, owner=owner)
+        return await self._bounded(call, "read the messages")
 
-    async def list(self, limit: int = 100) -> list[ConversationInfo]:
-        return await self._bounded(self.store.list(limit), "list conversations")
+    async def list(self, limit: int = 100, *, owner: str) -> list[ConversationInfo]:
+        return await self._bounded(self.store.list(limit, owner=owner), "list conversations")
 
-    async def delete(self, conversation_id: str) -> bool:
-        return await self._bounded(self.store.delete(conversation_id), "delete the conversation")
+    async def delete(self, conversation_id: str, *, owner: str) -> bool:
+        return await self._bounded(self.store.delete(conversation_id, owner=owner), "delete the conversation")
 
-    async def count(self) -> int:
-        return await self._bounded(self.store.count(), "count conversations")
+    async def count(self, *, owner: str | None) -> int:
+        """One owner's conversations, or (None) every owner's."""
+        return await self._bounded(self.store.count(owner=owner), "count conversations")

@@ -21,6 +21,7 @@ __all__ = [
     "InvalidParameter",
     "MessageTooLarge",
     "ModelNotFound",
+    "RateLimited",
     "ReplayExpired",
     "ReplayNotFound",
     "ResponseNotFound",
@@ -83,6 +84,21 @@ class MessageTooLarge(ApiError):
 
 class ServerBusy(ApiError):
     type = "server_busy"
+
+
+class RateLimited(ApiError):
+    """A limit of the caller's key, or the server's stream cap (chatsse/limits/), is reached:
+    429 with ``Retry-After`` and OpenAI's ``x-ratelimit-*`` headers."""
+
+    type = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: int, rate_headers: dict[str, str]) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.rate_headers = rate_headers
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        return {**self.rate_headers, "Retry-After": str(self.retry_after)}
 
 
 class ShuttingDown(ApiError):

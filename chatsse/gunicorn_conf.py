@@ -30,15 +30,17 @@ if _operator_dir is not None:
 metrics_dir = Path(tempfile.mkdtemp(prefix="chatsse-metrics-", dir=_operator_dir))
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
 
-from chatsse.serving import plan  # noqa: E402
+from chatsse.serving import announce_access, plan  # noqa: E402
 from chatsse.settings import SettingsError, load_settings  # noqa: E402
 
 try:
-    _plan = plan(load_settings())
+    _settings = load_settings()
+    _plan = plan(_settings)
 except SettingsError as exc:
     shutil.rmtree(metrics_dir, ignore_errors=True)
     print(f"chatsse: {exc}", file=sys.stderr)
     sys.exit(2)
+announce_access(_settings)
 os.environ["CHATSSE_STORE"] = _plan.store  # the workers' create_app() reads it
 
 wsgi_app = "chatsse.app:create_app()"

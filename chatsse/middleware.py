@@ -8,6 +8,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import structlog
@@ -24,6 +25,7 @@ __all__ = [
     "SCOPE_LOG_FIELDS",
     "BodyTooLarge",
     "RequestContextMiddleware",
+    "send_error",
 ]
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -66,7 +68,7 @@ class RequestContextMiddleware:
             too_large = _declared_length(scope) > self.max_body_bytes
             if too_large:
                 message = f"request body over {self.max_body_bytes} bytes"
-                await _send_error(send_with_id, 413, "request_too_large", message, scope["path"])
+                await send_error(send_with_id, 413, "request_too_large", message, scope["path"])
             else:
                 await self.app(scope, _limited(receive, self.max_body_bytes), send_with_id)
         finally:
@@ -137,7 +139,15 @@ def _declared_length(scope: Scope) -> int:
     return 0
 
 
-async def _send_error(send: Send, status: int, error_type: str, message: str, path: str) -> None:
+async def send_error(
+    send: Send,
+    status: int,
+    error_type: str,
+    message: str,
+    path: str,
+    headers: Sequence[tuple[bytes, str]] = (),
+) -> None:
+    """Answer with a JSON error in the shape of the front ``path`` belongs to."""
     if path.startswith("/v1/"):  # the OpenAI fronts answer in OpenAI's error shape
         body = json.dumps(openai_error_data(status, error_type, message), separators=(",", ":")).encode()
     else:
@@ -146,7 +156,11 @@ async def _send_error(send: Send, status: int, error_type: str, message: str, pa
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *((name, value.encode("latin-1")) for name, value in headers),
+            ],
         }
     )
     await send({"type": "http.response.body", "body": body})

@@ -156,6 +156,10 @@ HTTP_ERRORS: Final[dict[str, int]] = {
     "shutting_down": 503,
     "storage_unavailable": 503,
     "internal_error": 500,
+    # API keys and their limits (chatsse/auth.py, chatsse/limits/)
+    "invalid_api_key": 401,
+    "permission_denied": 403,
+    "rate_limit_exceeded": 429,
     # Resuming a stream (GET /conversations/{id}/messages/{message_id}/events)
     "replay_not_found": 404,
     "replay_expired": 410,

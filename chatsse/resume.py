@@ -33,10 +33,11 @@ import time
 from dataclasses import dataclass
 from typing import Annotated, Any, Protocol
 
-from fastapi import FastAPI, Header, Query
+from fastapi import FastAPI, Header, Query, Request
 from starlette.responses import JSONResponse, Response
 
 from chatsse import protocol
+from chatsse.auth import caller_of
 from chatsse.chat import FRONT, message_event
 from chatsse.errors import ConversationNotFound, ReplayExpired, ReplayNotFound, StorageUnavailable
 from chatsse.lifecycle import NEXT_TOKEN, Slot
@@ -185,18 +186,21 @@ def stale_after(state: AppState) -> float:
 
 
 async def find_replay(
-    state: AppState, conversation_id: str, message_id: str, front: str, after: int = -1
+    state: AppState, conversation_id: str, message_id: str, front: str, after: int = -1, *, owner: str
 ) -> Replay:
-    """The reply's log from ``after``; ``ReplayNotFound`` or ``ReplayExpired`` if there is none."""
+    """The reply's log from ``after``; ``ReplayNotFound`` or ``ReplayExpired`` if there is none.
+    A log is its conversation's: of a conversation that ``owner`` does not have, not found."""
     settings, replay_log = state.settings, state.replay
     if not settings.replay_log:
         raise ReplayNotFound("this server keeps no replay logs (CHATSSE_REPLAY_LOG=false)")
+    if await state.manager.get(conversation_id, owner=owner) is None:
+        raise ReplayNotFound(f"no reply stream {message_id} in conversation {conversation_id}")
     first = await replay_log.read(message_id, after, limit=_READ_LIMIT)
     if first is None:  # a stream that began an instant ago may not be written yet
         await asyncio.sleep(2 * settings.replay_flush_interval)
         first = await replay_log.read(message_id, after, limit=_READ_LIMIT)
     if first is None or first.meta.conversation_id != conversation_id or first.meta.front != front:
-        if first is None and await _stored(state, conversation_id, message_id) is not None:
+        if first is None and await _stored(state, conversation_id, message_id, owner) is not None:
             raise ReplayExpired(
                 f"reply {message_id} is stored, but its stream is no longer kept"
                 f" (CHATSSE_REPLAY_TTL = {settings.replay_ttl:g} s): read the conversation"
@@ -218,16 +222,18 @@ class StoppedReply:
     stopped: bool  # this stop ended it (else it had ended already)
 
 
-async def stop_reply(state: AppState, conversation_id: str, message_id: str, front: str) -> StoppedReply:
+async def stop_reply(
+    state: AppState, conversation_id: str, message_id: str, front: str, *, owner: str
+) -> StoppedReply:
     """Signal the worker streaming the reply to stop it, and wait (bounded) until it has ended
     and is stored. ``ReplayNotFound`` for a reply that is not there."""
     replay_log = state.replay
     try:
-        replay = await find_replay(state, conversation_id, message_id, front)
+        replay = await find_replay(state, conversation_id, message_id, front, owner=owner)
     except ReplayExpired:  # ended long ago: stored, and its log gone
-        return StoppedReply(await _stored(state, conversation_id, message_id), stopped=False)
+        return StoppedReply(await _stored(state, conversation_id, message_id, owner), stopped=False)
     if replay.done:
-        return StoppedReply(await _stored(state, conversation_id, message_id), stopped=False)
+        return StoppedReply(await _stored(state, conversation_id, message_id, owner), stopped=False)
     loop = asyncio.get_running_loop()
     give_up = loop.time() + _STOP_WAIT
     while loop.time() < give_up:
@@ -237,7 +243,7 @@ async def stop_reply(state: AppState, conversation_id: str, message_id: str, fro
             await asyncio.sleep(_STOP_POLL)
             seen = await replay_log.read(message_id, replay.length - 1, limit=1)
             if seen is None or seen.done:
-                message = await _stored(state, conversation_id, message_id)
+                message = await _stored(state, conversation_id, message_id, owner)
                 stopped = message is not None and message.finish_reason == "stopped"
                 return StoppedReply(message, stopped)
             if seen.age > stale_after(state):  # its worker is gone: nothing left to stop
@@ -282,6 +288,7 @@ _STOP_RESPONSES: dict[int | str, dict[str, Any]] = {
 def add_resume_routes(app: FastAPI, state: AppState) -> None:
     @app.get(protocol.resume_path("{conversation_id}", "{message_id}"), responses=_RESPONSES)
     async def resume_stream(
+        request: Request,
         conversation_id: str,
         message_id: str,
         last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
@@ -290,13 +297,15 @@ def add_resume_routes(app: FastAPI, state: AppState) -> None:
         ] = None,
     ) -> Response:
         after = _after(message_id, last_event_id_header or last_event_id)
-        first = await find_replay(state, conversation_id, message_id, FRONT, after)
+        owner = caller_of(request.scope).owner
+        first = await find_replay(state, conversation_id, message_id, FRONT, after, owner=owner)
         return resume_response(state, message_id, ChatReplay(message_id, after), first)
 
     @app.post(protocol.stop_path("{conversation_id}", "{message_id}"), responses=_STOP_RESPONSES)
-    async def stop_stream(conversation_id: str, message_id: str) -> Response:
+    async def stop_stream(request: Request, conversation_id: str, message_id: str) -> Response:
         """Stop a streaming reply, from any worker; it is stored as ``stopped``."""
-        result = await stop_reply(state, conversation_id, message_id, FRONT)
+        owner = caller_of(request.scope).owner
+        result = await stop_reply(state, conversation_id, message_id, FRONT, owner=owner)
         message = result.message
         body = StopOut(
             conversation_id=conversation_id,
@@ -308,9 +317,9 @@ def add_resume_routes(app: FastAPI, state: AppState) -> None:
         return JSONResponse(body.model_dump(), status_code=200 if message is not None else 202)
 
 
-async def _stored(state: AppState, conversation_id: str, message_id: str) -> Message | None:
+async def _stored(state: AppState, conversation_id: str, message_id: str, owner: str) -> Message | None:
     try:
-        messages = await state.manager.messages(conversation_id)
+        messages = await state.manager.messages(conversation_id, owner=owner)
     except ConversationNotFound:
         return None
     return next((m for m in messages if m.id == message_id), None)

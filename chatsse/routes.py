@@ -14,10 +14,11 @@ import time
 from importlib.resources import files
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Query
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, Response
 
 from chatsse import __version__, protocol
+from chatsse.auth import caller_of
 from chatsse.errors import ConversationNotFound
 from chatsse.models import ConversationInfo, ConversationList, ConversationOut, MessageOut
 from chatsse.state import AppState
@@ -57,30 +58,35 @@ def _page_route(app: FastAPI) -> None:
 def _conversation_routes(app: FastAPI, state: AppState) -> None:
     manager = state.manager
 
+    # Each route sees the caller's own conversations only; another's is not found (404).
     @app.post("/conversations", status_code=201)
-    async def create_conversation() -> ConversationOut:
-        return _conversation_out(await manager.create(), [])
+    async def create_conversation(request: Request) -> ConversationOut:
+        return _conversation_out(await manager.create(owner=caller_of(request.scope).owner), [])
 
     @app.get("/conversations")
-    async def list_conversations(limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> ConversationList:
-        infos = await manager.list(limit)
+    async def list_conversations(
+        request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    ) -> ConversationList:
+        owner = caller_of(request.scope).owner
+        infos = await manager.list(limit, owner=owner)
         return ConversationList(
-            conversations=[_conversation_out(i) for i in infos], total=await manager.count()
+            conversations=[_conversation_out(i) for i in infos], total=await manager.count(owner=owner)
         )
 
     @app.get("/conversations/{conversation_id}")
     async def get_conversation(
-        conversation_id: str, limit: Annotated[int | None, Query(ge=1)] = None
+        request: Request, conversation_id: str, limit: Annotated[int | None, Query(ge=1)] = None
     ) -> ConversationOut:
-        info = await manager.get(conversation_id)
+        owner = caller_of(request.scope).owner
+        info = await manager.get(conversation_id, owner=owner)
         if info is None:
             raise ConversationNotFound(f"no conversation {conversation_id}")
-        messages = await manager.messages(conversation_id, limit)
+        messages = await manager.messages(conversation_id, limit, owner=owner)
         return _conversation_out(info, [MessageOut(**m.to_dict()) for m in messages])
 
     @app.delete("/conversations/{conversation_id}", status_code=204)
-    async def delete_conversation(conversation_id: str) -> Response:
-        if not await manager.delete(conversation_id):
+    async def delete_conversation(request: Request, conversation_id: str) -> Response:
+        if not await manager.delete(conversation_id, owner=caller_of(request.scope).owner):
             raise ConversationNotFound(f"no conversation {conversation_id}")
         return Response(status_code=204)
 
@@ -104,12 +110,12 @@ def _operator_routes(app: FastAPI, state: AppState) -> None:
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics_text() -> Response:
-        metrics.conversations.set(await state.manager.count())
+        metrics.conversations.set(await state.manager.count(owner=None))
         return Response(metrics.render(), media_type=metrics.content_type)
 
     @app.get("/stats")
     async def stats() -> dict[str, Any]:
-        metrics.conversations.set(await state.manager.count())
+        metrics.conversations.set(await state.manager.count(owner=None))
         return {
             "version": __version__,
             "uptime_seconds": round(time.time() - state.started_at, 3),

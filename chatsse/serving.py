@@ -19,8 +19,8 @@ from uvicorn_worker import UvicornWorker
 
 from chatsse.deadlines import derive
 from chatsse.lifecycle import Lifecycle, lifecycle_of
-from chatsse.logs import gunicorn_log_config
-from chatsse.settings import Settings, SettingsError, env_name
+from chatsse.logs import configure_logging, get_logger, gunicorn_log_config
+from chatsse.settings import Settings, SettingsError, env_name, is_loopback
 from chatsse.stores.urls import DEFAULT_SHARED_STORE
 
 __all__ = [
@@ -113,10 +113,30 @@ def create_served_app() -> Any:
     return app
 
 
+def access_notice(settings: Settings) -> str:
+    """What the server says at start-up about who may use it."""
+    where = f"{settings.host}:{settings.port}"
+    if settings.keys_file:
+        return f"API keys required on {where} (CHATSSE_KEYS_FILE={settings.keys_file})"
+    reach = "from this machine only" if is_loopback(settings.host) else "from anywhere it is reachable"
+    return (
+        f"no API keys (CHATSSE_KEYS_FILE is not set): {where} is open to anyone, {reach}; "
+        "every caller shares one set of conversations"
+    )
+
+
+def announce_access(settings: Settings) -> None:
+    """Log :func:`access_notice` once, at start-up, in the server's log format."""
+    configure_logging(settings.log_level, settings.log_format)
+    log = get_logger("chatsse.serving")
+    (log.info if settings.keys_file else log.warning)(access_notice(settings))
+
+
 def serve(settings: Settings) -> None:
     """``chatsse serve``: one uvicorn process serving the app these settings describe."""
     from chatsse.app import create_app
 
+    announce_access(settings)
     app = create_app(settings)
     tune_garbage_collector()
     config = uvicorn.Config(

@@ -8,6 +8,7 @@ settings are computed in one place, chatsse/deadlines.py.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -49,6 +50,18 @@ class Settings(BaseSettings):
     log_format: Literal["json", "console"] = "console"
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     cors_allow_credentials: bool = False
+
+    # Access (chatsse/auth.py, chatsse/keys.py)
+    keys_file: str = ""
+    allow_open: bool = False
+    operator_routes_open: bool = False
+
+    # Limits across workers (chatsse/limits/; 0: none). A key's own, in the keys file, win.
+    max_streams: int = Field(0, ge=0)
+    key_max_streams: int = Field(0, ge=0)
+    key_requests_per_minute: int = Field(0, ge=0)
+    key_tokens_per_minute: int = Field(0, ge=0)
+    limit_lease_ttl: float = Field(30.0, gt=0, le=3600)
 
     # Serving
     store: str = Field("memory", min_length=1)
@@ -110,6 +123,15 @@ class Settings(BaseSettings):
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
 
+    @field_validator("keys_file")
+    @classmethod
+    def _check_keys_file(cls, value: str) -> str:
+        if value:
+            from chatsse.keys import read_keys
+
+            read_keys(value)  # KeysFileError (a ValueError) says what is wrong with it
+        return value
+
     @field_validator("store")
     @classmethod
     def _check_store(cls, value: str) -> str:
@@ -127,6 +149,12 @@ class Settings(BaseSettings):
             raise ValueError("CHATSSE_SIM_REPLY_TOKENS_MIN must not exceed CHATSSE_SIM_REPLY_TOKENS_MAX")
         if self.engine == "openai":
             _check_upstream(self.upstream_url, self.upstream_model)
+        if not self.keys_file and not self.allow_open and not is_loopback(self.host):
+            raise ValueError(
+                f"CHATSSE_HOST={self.host} is reachable from other machines, and no API keys are set: "
+                "set CHATSSE_KEYS_FILE (make keys with `chatsse keys create`), or CHATSSE_ALLOW_OPEN=true "
+                "to serve it open to anyone who can reach it"
+            )
         return self
 
     @property
@@ -137,6 +165,16 @@ class Settings(BaseSettings):
     def store_is_chosen(self) -> bool:
         """Whether ``CHATSSE_STORE`` was set (environment, ``.env`` or an override)."""
         return "store" in self.model_fields_set
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is an address only this machine can reach."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _check_upstream(url: str, model: str) -> None:

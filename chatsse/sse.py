@@ -181,11 +181,21 @@ class CollectedResponse(Response):
 
     media_type = "application/json"
 
-    def __init__(self, producer: Producer, slot: Slot, status: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        producer: Producer,
+        slot: Slot,
+        status: Callable[[], int],
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         self.producer = producer
         self.slot = slot
         self.status = status
         self.background = None
+        self.extra_headers = [
+            (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()
+        ]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         slot = self.slot
@@ -202,6 +212,7 @@ class CollectedResponse(Response):
             headers = [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body or b"")).encode()),
+                *self.extra_headers,
             ]
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": body or b"", "more_body": False})

@@ -9,6 +9,7 @@ from chatsse.conversations import ConversationManager
 from chatsse.deadlines import Deadlines
 from chatsse.engine import Engine
 from chatsse.lifecycle import Lifecycle
+from chatsse.limits import TurnLimits
 from chatsse.metrics import Metrics
 from chatsse.replay import ReplayLog
 from chatsse.replay.recorder import ReplayRecorder
@@ -29,4 +30,5 @@ class AppState:
     replay: ReplayLog
     recorder: ReplayRecorder
     signals: ReplySignals
+    limits: TurnLimits
     started_at: float = field(default_factory=time.time)

@@ -26,15 +26,18 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 from starlette.responses import Response
 from starlette.types import Scope
 
+from chatsse.auth import caller_of
 from chatsse.conversations import ConversationManager, Turn
 from chatsse.engine import Generation, GenerationOptions
 from chatsse.errors import ApiError, StorageUnavailable, TurnLost
 from chatsse.lifecycle import FIRST_TOKEN, NEXT_TOKEN, STORING, WRITING, Lifecycle, Slot
+from chatsse.limits import Admission
 from chatsse.logs import get_logger
 from chatsse.metrics import Metrics
 from chatsse.middleware import SCOPE_ARRIVED, SCOPE_LOG_FIELDS
@@ -163,10 +166,12 @@ async def open_turn(
     counted as a rejection and raised for the front to answer; what was begun is undone.
     ``replay_front``: record the stream in the replay log under that front's name (a stored
     turn only), so a client can resume it (chatsse/replay/)."""
-    lifecycle = state.lifecycle
+    lifecycle, limits = state.lifecycle, state.limits
+    admission: Admission | None = None
     try:
         slot = lifecycle.admit()
         try:
+            admission = await limits.admit(caller_of(scope))
             begun = await begin()
             try:
                 generation = state.engine.generate(begun.prompt, max_tokens=max_tokens, options=options)
@@ -177,6 +182,7 @@ async def open_turn(
                 raise
         except BaseException:
             lifecycle.release(slot)
+            limits.finish(admission, 0)
             raise
     except ApiError as exc:
         state.metrics.reject(exc.type)
@@ -202,19 +208,21 @@ async def open_turn(
         arrived=scope.get(SCOPE_ARRIVED, time.perf_counter()),
         log_fields=scope.get(SCOPE_LOG_FIELDS, {}),
         recording=recording,
+        on_close=None if admission is None else partial(limits.finish, admission),
     )
+    headers = None if admission is None else admission.headers
     if buffered:
-        return CollectedResponse(stream, slot, lambda: writer.status)
-    return EventStreamResponse(stream, slot)
+        return CollectedResponse(stream, slot, lambda: writer.status, headers=headers)
+    return EventStreamResponse(stream, slot, headers=headers)
 
 
 class TurnStream:
     """The producer of one turn's event stream (see the module docstring)."""
 
     __slots__ = (
-        "_closed", "_generated", "_plan", "_stored", "arrived", "final_event", "first_token_at", "format",
-        "generation", "lifecycle", "log_fields", "metrics", "opened", "outcome", "parts", "recording",
-        "reply", "slot",
+        "_closed", "_generated", "_on_close", "_plan", "_stored", "arrived", "final_event", "first_token_at",
+        "format", "generation", "lifecycle", "log_fields", "metrics", "opened", "outcome", "parts",
+        "recording", "reply", "slot",
     )  # fmt: skip
 
     def __init__(
@@ -229,8 +237,10 @@ class TurnStream:
         arrived: float,
         log_fields: dict[str, Any],
         recording: RecordingPlan | None = None,
+        on_close: Callable[[int], None] | None = None,
     ) -> None:
         self.generation = generation
+        self._on_close = on_close  # told the tokens the turn used, once it has ended
         self._plan = recording
         self.recording: Recording | None = None
         self.reply = reply
@@ -347,6 +357,9 @@ class TurnStream:
                 self._plan.signals.unwatch(self._plan.reply_id)
             self._end_recording()
             self.lifecycle.release(self.slot)
+            if self._on_close is not None:
+                generation = self.generation
+                self._on_close(generation.prompt_tokens + generation.completion_tokens)
             self._record()
 
     # --- endings ---

@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import Serve
 from support import require_binary
 
 from chatsse.processes import GunicornServer
@@ -335,3 +336,25 @@ def test_a_page_reloaded_mid_reply_shows_the_whole_reply(long_page: Any, long_se
     page.wait_for_function("() => document.querySelectorAll('.message.user').length === 1")
     assert page.locator(".message.user .content").text_content() == "Another long story"
     _one_whole_turn(page, long_server)
+
+
+def test_a_server_with_keys_asks_for_one_and_the_page_sends_it(serve: Serve, tmp_path: Path) -> None:
+    from chatsse.keys import create_key
+
+    keys_file = tmp_path / "keys.json"
+    _, key = create_key(keys_file, "alice")
+    keyed = serve(keys_file=str(keys_file), sim_reply_tokens_min=5, sim_reply_tokens_max=5)
+    with browser_page(keyed.url) as page:
+        assert page.is_hidden("#api-key")  # nothing to ask until the server asks
+        page.fill("#input", "without a key")
+        page.click("#send")
+        page.wait_for_function("document.querySelector('#messages').innerText.includes('401')")
+        assert page.is_visible("#api-key")
+        page.fill("#api-key", key)
+        page.dispatch_event("#api-key", "change")
+        _send(page, "with the key")
+        page.reload()  # the key stays for the tab
+        assert page.input_value("#api-key") == key
+        _send(page, "after a reload")
+    listed = httpx.get(keyed.url + "/conversations", headers={"Authorization": f"Bearer {key}"}, timeout=10)
+    assert listed.json()["total"] == 2  # both turns were alice's (a new page starts a new conversation)

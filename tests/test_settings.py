@@ -53,6 +53,7 @@ def test_env_name_is_prefixed_upper_case_field() -> None:
 def test_prefixed_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CHATSSE_PORT", "9123")
     monkeypatch.setenv("CHATSSE_HOST", "0.0.0.0")
+    monkeypatch.setenv("CHATSSE_ALLOW_OPEN", "true")
     monkeypatch.setenv("CHATSSE_DEBUG", "true")
     monkeypatch.setenv("CHATSSE_LOG_LEVEL", "debug")
     monkeypatch.setenv("CHATSSE_SIM_JITTER", "0.5")
@@ -96,7 +97,7 @@ def test_dotenv_file_in_working_directory_is_read(clean_environment: Path) -> No
 
 
 def test_environment_wins_over_dotenv(clean_environment: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (clean_environment / ".env").write_text("CHATSSE_PORT=7001\nCHATSSE_HOST=0.0.0.0\n")
+    (clean_environment / ".env").write_text("CHATSSE_PORT=7001\nCHATSSE_HOST=0.0.0.0\nCHATSSE_ALLOW_OPEN=1\n")
     monkeypatch.setenv("CHATSSE_PORT", "7002")
     settings = load_settings()
     assert settings.port == 7002

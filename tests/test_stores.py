@@ -324,6 +324,57 @@ async def test_count(store: Store) -> None:
     assert await store.count() == 4
 
 
+# --- owners --------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_another_owners_conversation_is_not_there(store: Store) -> None:
+    await store.begin_turn("c1", message("mine"), token="t1", new=True, history=HISTORY, owner="alice")
+    await store.finish_turn("c1", reply("re: mine"), token="t1")
+    assert await store.info("c1", owner="bob") is None
+    assert await store.info("c1", owner="") is None
+    with pytest.raises(ConversationNotFound):
+        await store.messages("c1", owner="bob")
+    with pytest.raises(ConversationNotFound):  # continuing it is refused as for a missing one
+        await store.begin_turn("c1", message("theirs"), token="t2", new=False, history=HISTORY, owner="bob")
+    assert await store.delete("c1", owner="bob") is False
+    # Nothing of bob's calls changed alice's conversation.
+    assert [m.content for m in await store.messages("c1", owner="alice")] == ["mine", "re: mine"]
+    info = await store.info("c1", owner="alice")
+    assert info is not None
+    assert info.message_count == 2
+    assert await store.delete("c1", owner="alice") is True
+
+
+@pytest.mark.anyio
+async def test_list_and_count_see_the_owners_own(store: Store, clock: FakeClock) -> None:
+    for cid, owner in [("a1", "alice"), ("b1", "bob"), ("a2", "alice"), ("n1", "")]:
+        await store.create(cid, owner=owner)
+        clock.advance(1)
+    await store.begin_turn("a1", message("newest"), token="t", new=False, history=HISTORY, owner="alice")
+    assert [i.id for i in await store.list(10, owner="alice")] == ["a1", "a2"]
+    assert [i.id for i in await store.list(10, owner="bob")] == ["b1"]
+    assert [i.id for i in await store.list(10)] == ["n1"]
+    assert [i.id for i in await store.list(1, owner="alice")] == ["a1"]
+    assert await store.count(owner="alice") == 2
+    assert await store.count(owner="carol") == 0
+    assert await store.count() == 4
+    await store.delete("a2", owner="alice")
+    assert await store.count(owner="alice") == 1
+    assert [i.id for i in await store.list(10, owner="alice")] == ["a1"]
+
+
+@pytest.mark.anyio
+async def test_an_expired_conversation_leaves_its_owners_list(backend: Backend, clock: FakeClock) -> None:
+    store = backend.make(ttl=10)
+    await store.create("a1", owner="alice")
+    clock.advance(5)
+    await store.create("a2", owner="alice")
+    clock.advance(6)
+    assert [i.id for i in await store.list(10, owner="alice")] == ["a2"]
+    assert await store.count(owner="alice") == 1
+
+
 # --- turns ---------------------------------------------------------------------------------
 
 
@@ -706,53 +757,54 @@ def manager_on(store: Store, clock: FakeClock, max_history: int = 20) -> Convers
 @pytest.mark.anyio
 async def test_manager_turns(store: Store, clock: FakeClock) -> None:
     manager = manager_on(store, clock)
-    first = await manager.begin_turn(None, "question")
+    first = await manager.begin_turn(None, "question", owner="")
     assert first.new is True
     assert first.prompt == [first.user_message]
     clock.advance(2)
     answer = await manager.finish_turn(first, "an answer", "length")
     assert answer == Message(first.reply_id, "assistant", "an answer", clock.now, "length")
-    assert await manager.messages(first.conversation_id) == [first.user_message, answer]
+    assert await manager.messages(first.conversation_id, owner="") == [first.user_message, answer]
 
-    nxt = await manager.begin_turn(first.conversation_id, "follow-up")
+    nxt = await manager.begin_turn(first.conversation_id, "follow-up", owner="")
     assert nxt.new is False
     assert nxt.prompt == [first.user_message, answer, nxt.user_message]
     with pytest.raises(ConversationBusy):
-        await manager.begin_turn(first.conversation_id, "too early")
+        await manager.begin_turn(first.conversation_id, "too early", owner="")
     await manager.finish_turn(nxt, "", "interrupted")
-    assert [m.content for m in await manager.messages(first.conversation_id, 1)] == [""]
-    assert await manager.delete(first.conversation_id) is True
-    assert await manager.count() == 0
+    assert [m.content for m in await manager.messages(first.conversation_id, 1, owner="")] == [""]
+    assert await manager.delete(first.conversation_id, owner="") is True
+    assert await manager.count(owner=None) == 0
 
 
 @pytest.mark.anyio
 async def test_manager_prompt_is_trimmed_to_max_history(store: Store, clock: FakeClock) -> None:
     manager = manager_on(store, clock, max_history=3)
-    first = await manager.begin_turn(None, "u0")
+    first = await manager.begin_turn(None, "u0", owner="")
     conv = first.conversation_id
     await manager.finish_turn(first, "a0", "stop")
     for i in range(1, 4):
-        nxt = await manager.begin_turn(conv, f"u{i}")
-        assert nxt.prompt == (await manager.messages(conv))[-3:]
+        nxt = await manager.begin_turn(conv, f"u{i}", owner="")
+        assert nxt.prompt == (await manager.messages(conv, owner=""))[-3:]
         await manager.finish_turn(nxt, f"a{i}", "stop")
     assert [m.content for m in nxt.prompt] == ["u2", "a2", "u3"]
-    assert len(await manager.messages(conv)) == 8
+    assert len(await manager.messages(conv, owner="")) == 8
 
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("clients", [2, 8])
 async def test_concurrent_turns_on_one_conversation(store: Store, clock: FakeClock, clients: int) -> None:
     manager = manager_on(store, clock)
-    info = await manager.create()
+    info = await manager.create(owner="")
     results = await asyncio.gather(
-        *(manager.begin_turn(info.id, f"from client {i}") for i in range(clients)), return_exceptions=True
+        *(manager.begin_turn(info.id, f"from client {i}", owner="") for i in range(clients)),
+        return_exceptions=True,
     )
     turns = [r for r in results if isinstance(r, Turn)]
     assert len(turns) == 1
     assert all(isinstance(r, ConversationBusy) for r in results if r is not turns[0])
-    assert await manager.messages(info.id) == [turns[0].user_message]
+    assert await manager.messages(info.id, owner="") == [turns[0].user_message]
     await manager.finish_turn(turns[0], "reply", "stop")
-    assert len(await manager.messages(info.id)) == 2
+    assert len(await manager.messages(info.id, owner="")) == 2
 
 
 @pytest.mark.anyio
@@ -760,7 +812,7 @@ async def test_concurrent_new_conversations_respect_the_cap(backend: Backend, cl
     store = backend.make(max_conversations=5)
     manager = manager_on(store, clock)
     results = await asyncio.gather(
-        *(manager.begin_turn(None, f"hello {i}") for i in range(20)), return_exceptions=True
+        *(manager.begin_turn(None, f"hello {i}", owner="") for i in range(20)), return_exceptions=True
     )
     turns = [r for r in results if isinstance(r, Turn)]
     assert len(turns) == 5  # every conversation is mid-turn: nothing can be evicted
@@ -768,7 +820,7 @@ async def test_concurrent_new_conversations_respect_the_cap(backend: Backend, cl
     assert await store.count() == 5
     for begun in turns:
         await manager.finish_turn(begun, "reply", "stop")
-    await manager.begin_turn(None, "one more")
+    await manager.begin_turn(None, "one more", owner="")
     assert (await store.count(), store.evicted) == (5, 1)
 
 
@@ -896,6 +948,26 @@ async def test_sqlite_file_is_wal_with_an_activity_index(tmp_path: Path) -> None
 
 
 @pytest.mark.anyio
+async def test_sqlite_file_from_before_owners_gains_the_column(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "CREATE TABLE conversations (id TEXT PRIMARY KEY, created_at REAL NOT NULL, updated_at REAL NOT NULL,"
+        " message_count INTEGER NOT NULL DEFAULT 0, lock_owner TEXT, lock_expires_at REAL);"
+        "INSERT INTO conversations VALUES ('old', 1e12, 1e12, 0, NULL, NULL);"
+    )
+    conn.close()
+    store = SQLiteStore(path, LIMITS)
+    try:  # the old conversation is the anonymous owner's, and new ones get owners
+        assert [i.id for i in await store.list(10)] == ["old"]
+        assert await store.info("old", owner="alice") is None
+        await store.create("new", owner="alice")
+        assert [i.id for i in await store.list(10, owner="alice")] == ["new"]
+    finally:
+        await store.close()
+
+
+@pytest.mark.anyio
 async def test_sqlite_waits_for_another_writer_without_blocking_the_loop(tmp_path: Path) -> None:
     path = tmp_path / "chat.db"
     store = SQLiteStore(path, LIMITS, timeout=10)
@@ -996,7 +1068,9 @@ async def _take_turns(url: str, capped_url: str, conversation_ids: list[str], wo
         while done < TURNS:
             text = f"w{worker} t{done}"
             try:
-                begun = await manager.begin_turn(conversation_ids[(worker + done) % CONVERSATIONS], text)
+                begun = await manager.begin_turn(
+                    conversation_ids[(worker + done) % CONVERSATIONS], text, owner=""
+                )
             except ConversationBusy:
                 busy += 1
                 await asyncio.sleep(0.001)
@@ -1004,7 +1078,7 @@ async def _take_turns(url: str, capped_url: str, conversation_ids: list[str], wo
             assert begun.prompt[-1].content == text
             newest_first = [m.role for m in reversed(begun.prompt)]
             assert newest_first == [("user", "assistant")[i % 2] for i in range(len(newest_first))]
-            fresh = await capped_manager.begin_turn(None, text)
+            fresh = await capped_manager.begin_turn(None, text, owner="")
             most = max(most, await capped.count())
             await capped_manager.finish_turn(fresh, f"reply to {text}", "stop")
             await manager.finish_turn(begun, f"reply to {text}", "stop")

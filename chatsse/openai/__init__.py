@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import Query, Request
 from starlette.responses import JSONResponse, Response
 
+from chatsse.auth import caller_of
 from chatsse.errors import ApiError, ConversationBusy, ReplayNotFound, ResponseNotFound
 from chatsse.models import ErrorBody
 from chatsse.openai.completions import ChatCompletionsEndpoint
@@ -76,6 +77,7 @@ def add_openai_routes(app: ChatsseApp, state: AppState) -> None:
 
     @app.get("/v1/responses/{response_id}", responses={200: _STREAM, **_ERRORS}, tags=["openai"])
     async def get_response(
+        request: Request,
         response_id: str,
         stream: Annotated[
             bool, Query(description="stream the response's events from its replay log")
@@ -84,62 +86,70 @@ def add_openai_routes(app: ChatsseApp, state: AppState) -> None:
             int | None, Query(ge=-1, description="with stream: the events after this sequence number")
         ] = None,
     ) -> Response:
+        owner = caller_of(request.scope).owner
+
         async def found() -> Response:
             if stream:
-                return await _resume(response_id, starting_after)
+                return await _resume(response_id, starting_after, owner)
             try:
-                return JSONResponse(await stored_response(state.manager, state.engine.name, response_id))
+                return JSONResponse(
+                    await stored_response(state.manager, state.engine.name, response_id, owner)
+                )
             except ResponseNotFound:  # not stored yet: still streaming?
-                return JSONResponse(await _in_progress(response_id))
+                return JSONResponse(await _in_progress(response_id, owner))
 
         return await _answer(found())
 
-    async def _resume(value: str, starting_after: int | None) -> Response:
+    async def _resume(value: str, starting_after: int | None, owner: str) -> Response:
         conversation_id, message_id = parse_response_id(value)
         renderer = ResponseReplay(_head(value, message_id), starting_after)
         try:
-            first = await find_replay(state, conversation_id, message_id, FRONT, renderer.after)
+            first = await find_replay(state, conversation_id, message_id, FRONT, renderer.after, owner=owner)
         except ReplayNotFound:
             raise ResponseNotFound(f"No streamed response with id '{value}' to resume.") from None
         return resume_response(state, message_id, renderer, first)
 
-    async def _in_progress(value: str) -> dict[str, Any]:
+    async def _in_progress(value: str, owner: str) -> dict[str, Any]:
         conversation_id, message_id = parse_response_id(value)
         try:
-            replay = await find_replay(state, conversation_id, message_id, FRONT)
+            replay = await find_replay(state, conversation_id, message_id, FRONT, owner=owner)
         except ReplayNotFound:
             raise ResponseNotFound(f"Response with id '{value}' not found.") from None
         if replay.done:  # ended between the two reads
-            return await stored_response(state.manager, state.engine.name, value)
+            return await stored_response(state.manager, state.engine.name, value, owner)
         return _head(value, message_id).object("in_progress")
 
     def _head(value: str, message_id: str) -> ResponseHead:
         return ResponseHead(id=value, item_id=message_id, model=state.engine.name, created_at=time.time())
 
     @app.post("/v1/responses/{response_id}/cancel", responses=_ERRORS, tags=["openai"])
-    async def cancel_response(response_id: str) -> Response:
+    async def cancel_response(request: Request, response_id: str) -> Response:
         """Stops a streaming response, from any worker; it is stored, and read back, as
         ``cancelled``. A response that has ended is returned as it is."""
+        owner = caller_of(request.scope).owner
 
         async def cancelled() -> Response:
             conversation_id, message_id = parse_response_id(response_id)
             with contextlib.suppress(ReplayNotFound):  # not streamed, or long ended
-                await stop_reply(state, conversation_id, message_id, FRONT)
+                await stop_reply(state, conversation_id, message_id, FRONT, owner=owner)
             try:
-                return JSONResponse(await stored_response(state.manager, state.engine.name, response_id))
+                return JSONResponse(
+                    await stored_response(state.manager, state.engine.name, response_id, owner)
+                )
             except ResponseNotFound:  # its worker has not confirmed the stop yet
-                return JSONResponse(await _in_progress(response_id))
+                return JSONResponse(await _in_progress(response_id, owner))
 
         return await _answer(cancelled())
 
     @app.delete("/v1/responses/{response_id}", responses=_ERRORS, tags=["openai"])
-    async def delete_response(response_id: str) -> Response:
+    async def delete_response(request: Request, response_id: str) -> Response:
         """Deletes the conversation the response belongs to: every response of its chain."""
+        owner = caller_of(request.scope).owner
 
         async def deleted() -> Response:
-            await stored_response(state.manager, state.engine.name, response_id)  # 404 if unknown
+            await stored_response(state.manager, state.engine.name, response_id, owner)  # 404 if unknown
             conversation_id, _ = parse_response_id(response_id)
-            if not await state.manager.delete(conversation_id):
+            if not await state.manager.delete(conversation_id, owner=owner):
                 raise ConversationBusy("the conversation was deleted meanwhile")
             return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
 

@@ -31,6 +31,7 @@ from typing import Any, Final
 from starlette.responses import Response
 from starlette.types import Scope
 
+from chatsse.auth import caller_of
 from chatsse.conversations import ConversationManager
 from chatsse.errors import (
     ConversationBusy,
@@ -264,11 +265,14 @@ def _system(text: str | None) -> list[Message]:
     return [] if text is None else [Message("", "system", text, time.time())]
 
 
-async def _history_to(manager: ConversationManager, previous: str) -> tuple[str, list[Message], int]:
-    """The conversation a response id names, its messages, and the index of that response."""
+async def _history_to(
+    manager: ConversationManager, previous: str, owner: str
+) -> tuple[str, list[Message], int]:
+    """The conversation a response id names (``owner``'s), its messages, and the index of that
+    response."""
     conversation_id, message_id = parse_response_id(previous)
     try:
-        messages = await manager.messages(conversation_id)
+        messages = await manager.messages(conversation_id, owner=owner)
     except ConversationNotFound:
         messages = []
     for index, message in enumerate(messages):
@@ -293,6 +297,7 @@ class ResponsesEndpoint(OpenAIEndpoint):
             state.metrics.reject(MessageTooLarge.type)
             raise MessageTooLarge(f"message is {size} bytes; the limit is {settings.max_message_size}")
         system = _system(body.system_text)
+        owner = caller_of(scope).owner
         head = ResponseHead(
             id="",
             item_id="",
@@ -310,7 +315,9 @@ class ResponsesEndpoint(OpenAIEndpoint):
         async def begin_stored() -> Begun:
             conversation_id = None
             if body.previous_response_id is not None:
-                conversation_id, messages, index = await _history_to(manager, body.previous_response_id)
+                conversation_id, messages, index = await _history_to(
+                    manager, body.previous_response_id, owner
+                )
                 if index != len(messages) - 1:
                     if messages[-1].role == "user":
                         raise ConversationBusy("a turn of this conversation is in progress")
@@ -320,7 +327,7 @@ class ResponsesEndpoint(OpenAIEndpoint):
                         f" ({latest} is): chatsse conversations are linear"
                     )
             try:
-                turn = await manager.begin_turn(conversation_id, text)
+                turn = await manager.begin_turn(conversation_id, text, owner=owner)
             except ConversationNotFound:
                 missing = f"Previous response with id '{body.previous_response_id}' not found."
                 raise ResponseNotFound(missing) from None
@@ -331,7 +338,7 @@ class ResponsesEndpoint(OpenAIEndpoint):
         async def begin_unstored() -> Begun:
             history: list[Message] = []
             if body.previous_response_id is not None:
-                _, messages, index = await _history_to(manager, body.previous_response_id)
+                _, messages, index = await _history_to(manager, body.previous_response_id, owner)
                 history = messages[: index + 1][-(settings.max_history_length - 1) :]
             head.id, head.item_id = new_id("resp_"), new_id("msg_")
             user = Message(new_id("msg_"), "user", text, head.created_at)
@@ -353,9 +360,9 @@ class ResponsesEndpoint(OpenAIEndpoint):
         )
 
 
-async def stored_response(manager: ConversationManager, model: str, value: str) -> dict[str, Any]:
-    """``GET /v1/responses/{id}``: a stored response, rebuilt from its conversation."""
-    conversation_id, messages, index = await _history_to(manager, value)
+async def stored_response(manager: ConversationManager, model: str, value: str, owner: str) -> dict[str, Any]:
+    """``GET /v1/responses/{id}``: a stored response (``owner``'s), rebuilt from its conversation."""
+    conversation_id, messages, index = await _history_to(manager, value, owner)
     reply = messages[index]
     asked = messages[index - 1] if index > 0 else None
     previous = next((m for m in reversed(messages[: max(index - 1, 0)]) if m.role == "assistant"), None)

@@ -20,6 +20,11 @@ tests/test_stores.py, runs against each):
   conversation whose lock is not held, or fails with ``ConversationLimitReached``.
 - Length: at most ``max_messages`` per conversation; ``begin_turn`` keeps room for the reply
   (and a ``lost`` one) and refuses with ``ConversationFull`` before storing anything.
+- Owners: a conversation belongs to the ``owner`` that created it (an API key's id;
+  ``""``, the one caller of a server without keys). Every call that names a conversation
+  names the caller's owner too, and another owner's conversation is reported exactly as one
+  that does not exist; ``list`` and ``count`` see the owner's own (``count(owner=None)``:
+  all of them). The turn token fences ``finish_turn`` and ``cancel_turn`` on its own.
 """
 
 from __future__ import annotations
@@ -66,7 +71,7 @@ class ConversationStore(Protocol):
     local: bool  # True when no call ever waits on I/O (so none can outlast a deadline)
 
     async def begin_turn(
-        self, conversation_id: str, user: Message, *, token: str, new: bool, history: int
+        self, conversation_id: str, user: Message, *, token: str, new: bool, history: int, owner: str = ""
     ) -> list[Message]:
         """Take the turn lock for ``token`` (creating the conversation when ``new``), store
         ``user`` and return the last ``history`` messages, ``user`` last."""
@@ -83,25 +88,29 @@ class ConversationStore(Protocol):
         created it). False if there was nothing to undo."""
         ...
 
-    async def create(self, conversation_id: str) -> ConversationInfo:
+    async def create(self, conversation_id: str, *, owner: str = "") -> ConversationInfo:
         """An empty conversation; ValueError if the id exists."""
         ...
 
-    async def info(self, conversation_id: str) -> ConversationInfo | None: ...
+    async def info(self, conversation_id: str, *, owner: str = "") -> ConversationInfo | None: ...
 
-    async def messages(self, conversation_id: str, last: int | None = None) -> list[Message]:
+    async def messages(
+        self, conversation_id: str, last: int | None = None, *, owner: str = ""
+    ) -> list[Message]:
         """All messages in order, or only the ``last`` ones."""
         ...
 
-    async def delete(self, conversation_id: str) -> bool:
+    async def delete(self, conversation_id: str, *, owner: str = "") -> bool:
         """Delete; raises ``ConversationBusy`` while a turn holds the lock."""
         ...
 
-    async def list(self, limit: int) -> list[ConversationInfo]:
-        """Most recently active first."""
+    async def list(self, limit: int, *, owner: str = "") -> list[ConversationInfo]:
+        """The owner's conversations, most recently active first."""
         ...
 
-    async def count(self) -> int: ...
+    async def count(self, *, owner: str | None = None) -> int:
+        """The owner's conversations (None: every owner's)."""
+        ...
 
     async def close(self) -> None: ...
 

@@ -27,6 +27,7 @@ Clock = Callable[[], float]
 @dataclass(slots=True)
 class _Conversation:
     id: str
+    owner: str
     created_at: float
     updated_at: float
     messages: list[Message] = field(default_factory=list)
@@ -70,16 +71,20 @@ class MemoryStore:
         for conversation_id in stale:
             del self._items[conversation_id]
 
-    def _live(self, conversation_id: str) -> tuple[_Conversation | None, float]:
+    def _live(self, conversation_id: str, owner: str | None = None) -> tuple[_Conversation | None, float]:
+        """The live conversation, if there is one (and ``owner``, when given, owns it)."""
         now = self._clock()
         self._expire(now)
-        return self._items.get(conversation_id), now
+        conv = self._items.get(conversation_id)
+        if conv is not None and owner is not None and conv.owner != owner:
+            conv = None
+        return conv, now
 
     def _touch(self, conv: _Conversation, now: float) -> None:
         conv.updated_at = now
         self._items.move_to_end(conv.id)
 
-    def _add(self, conversation_id: str, now: float) -> _Conversation:
+    def _add(self, conversation_id: str, owner: str, now: float) -> _Conversation:
         """A new conversation, evicting the least recently active unlocked one at the cap."""
         items = self._items
         if conversation_id in items:
@@ -90,13 +95,15 @@ class MemoryStore:
                 raise _limit_reached(self.limits.max_conversations)
             del items[victim.id]
             self.evicted += 1
-        conv = items[conversation_id] = _Conversation(conversation_id, now, now)
+        conv = items[conversation_id] = _Conversation(conversation_id, owner, now, now)
         return conv
 
     async def begin_turn(
-        self, conversation_id: str, user: Message, *, token: str, new: bool, history: int
+        self, conversation_id: str, user: Message, *, token: str, new: bool, history: int, owner: str = ""
     ) -> list[Message]:
         conv, now = self._live(conversation_id)
+        if conv is not None and conv.owner != owner and not new:
+            conv = None  # another owner's: not there
         max_messages = self.limits.max_messages
         if conv is not None and conv.turn == token:  # a retried call: the turn has begun
             return conv.messages[-history:]
@@ -105,7 +112,7 @@ class MemoryStore:
                 raise ValueError(f"conversation {conversation_id} exists")
             if _room_needed(False) > max_messages:
                 raise _full(max_messages)
-            conv = self._add(conversation_id, now)
+            conv = self._add(conversation_id, owner, now)
         elif conv is None:
             raise _not_found(conversation_id)
         elif conv.locked(now):
@@ -142,25 +149,27 @@ class MemoryStore:
             del self._items[conversation_id]
         return True
 
-    async def create(self, conversation_id: str) -> ConversationInfo:
+    async def create(self, conversation_id: str, *, owner: str = "") -> ConversationInfo:
         now = self._clock()
         self._expire(now)
-        return self._add(conversation_id, now).info()
+        return self._add(conversation_id, owner, now).info()
 
-    async def info(self, conversation_id: str) -> ConversationInfo | None:
-        conv, _ = self._live(conversation_id)
+    async def info(self, conversation_id: str, *, owner: str = "") -> ConversationInfo | None:
+        conv, _ = self._live(conversation_id, owner)
         return conv.info() if conv else None
 
-    async def messages(self, conversation_id: str, last: int | None = None) -> list[Message]:
-        conv, _ = self._live(conversation_id)
+    async def messages(
+        self, conversation_id: str, last: int | None = None, *, owner: str = ""
+    ) -> list[Message]:
+        conv, _ = self._live(conversation_id, owner)
         if conv is None:
             raise _not_found(conversation_id)
         if last is None:
             return list(conv.messages)
         return conv.messages[-last:] if last > 0 else []
 
-    async def delete(self, conversation_id: str) -> bool:
-        conv, now = self._live(conversation_id)
+    async def delete(self, conversation_id: str, *, owner: str = "") -> bool:
+        conv, now = self._live(conversation_id, owner)
         if conv is None:
             return False
         if conv.locked(now):
@@ -168,18 +177,21 @@ class MemoryStore:
         del self._items[conversation_id]
         return True
 
-    async def list(self, limit: int) -> list[ConversationInfo]:
+    async def list(self, limit: int, *, owner: str = "") -> list[ConversationInfo]:
         self._expire(self._clock())
         out: list[ConversationInfo] = []
         for conv in reversed(self._items.values()):
             if len(out) >= limit:
                 break
-            out.append(conv.info())
+            if conv.owner == owner:
+                out.append(conv.info())
         return out
 
-    async def count(self) -> int:
+    async def count(self, *, owner: str | None = None) -> int:
         self._expire(self._clock())
-        return len(self._items)
+        if owner is None:
+            return len(self._items)
+        return sum(1 for conv in self._items.values() if conv.owner == owner)
 
     async def close(self) -> None:
         self._items.clear()

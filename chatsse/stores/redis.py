@@ -27,16 +27,31 @@ Clock = Callable[[], float]
 # Every script starts with this prelude. KEYS[1] is the activity sorted set (member: the
 # conversation id, score: updated_at); ARGV[1..4] are the key prefix, now, now - ttl and the
 # backstop key expiry in ms. A conversation is <prefix>meta:<id> (hash: created_at,
-# updated_at, and turn: the token of the turn that holds or last held the lock, until that
-# turn ends), <prefix>messages:<id> (list of JSON messages) and <prefix>lock:<id> (string: the
-# token, with PX lock_ttl on Redis's clock). sweep() drops every conversation idle past the
-# TTL whose lock key is gone (never held, released, or expired).
+# updated_at, owner, and turn: the token of the turn that holds or last held the lock, until
+# that turn ends), <prefix>messages:<id> (list of JSON messages) and <prefix>lock:<id>
+# (string: the token, with PX lock_ttl on Redis's clock); <prefix>owned:<owner> is each
+# owner's activity sorted set, kept beside the global one. sweep() drops every conversation
+# idle past the TTL whose lock key is gone (never held, released, or expired).
 _PRELUDE = """
 local active, prefix, now, deadline = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
 local backstop = tonumber(ARGV[4])
+local function keep(key)
+    if backstop > 0 then redis.call('PEXPIRE', key, backstop) end
+end
+local function owner_of(id)
+    return redis.call('HGET', prefix .. 'meta:' .. id, 'owner') or ''
+end
 local function drop(id)
+    redis.call('ZREM', prefix .. 'owned:' .. owner_of(id), id)
     redis.call('DEL', prefix .. 'meta:' .. id, prefix .. 'messages:' .. id, prefix .. 'lock:' .. id)
     redis.call('ZREM', active, id)
+end
+local function touch(id, owner)
+    local owned = prefix .. 'owned:' .. owner
+    redis.call('ZADD', active, now, id)
+    redis.call('ZADD', owned, now, id)
+    keep(active)
+    keep(owned)
 end
 local function locked(id)
     return redis.call('EXISTS', prefix .. 'lock:' .. id) == 1
@@ -45,9 +60,6 @@ local function sweep()
     for _, id in ipairs(redis.call('ZRANGEBYSCORE', active, '-inf', deadline)) do
         if not locked(id) then drop(id) end
     end
-end
-local function keep(key)
-    if backstop > 0 then redis.call('PEXPIRE', key, backstop) end
 end
 local function last_id(messages)
     local last = redis.call('LINDEX', messages, -1)
@@ -68,41 +80,45 @@ local function make_room(max_conversations)
     until #batch < 100
     return -1
 end
-local function create(meta, id, max_conversations)
+local function create(meta, id, max_conversations, owner)
     if redis.call('EXISTS', meta) == 1 then return -2 end
     local evicted = make_room(max_conversations)
     if evicted < 0 then return -1 end
-    redis.call('HSET', meta, 'created_at', now, 'updated_at', now)
-    redis.call('ZADD', active, now, id)
+    redis.call('HSET', meta, 'created_at', now, 'updated_at', now, 'owner', owner)
+    touch(id, owner)
     keep(meta)
-    keep(active)
     return evicted
+end
+-- The conversation exists and belongs to the owner.
+local function owned(meta, owner)
+    if redis.call('EXISTS', meta) == 0 then return false end
+    return (redis.call('HGET', meta, 'owner') or '') == owner
 end
 """
 
-# KEYS[2]: meta. ARGV[5..6]: id, max_conversations. Returns -2 (id exists), -1 (cap reached,
-# all locked), else evictions (0/1).
+# KEYS[2]: meta. ARGV[5..7]: id, max_conversations, owner. Returns -2 (id exists), -1 (cap
+# reached, all locked), else evictions (0/1).
 _CREATE = """
 sweep()
-return create(KEYS[2], ARGV[5], tonumber(ARGV[6]))
+return create(KEYS[2], ARGV[5], tonumber(ARGV[6]), ARGV[7])
 """
 
 # KEYS[2..4]: meta, messages, lock. ARGV[5..]: id, new ('1'/'0'), token, lock ms,
-# max_conversations, max_messages, history, the user message's JSON.
+# max_conversations, max_messages, history, the user message's JSON, owner.
 # Returns {evictions, messages}, or {-1} cap, {-2} exists, {-3} not found, {-4} busy, {-5} full.
 _BEGIN_TURN = """
 sweep()
 local meta, messages, id, token = KEYS[2], KEYS[3], ARGV[5], ARGV[7]
-local max_messages, history = tonumber(ARGV[10]), tonumber(ARGV[11])
+local max_messages, history, owner = tonumber(ARGV[10]), tonumber(ARGV[11]), ARGV[13]
 local held = redis.call('HGET', meta, 'turn')
 if held == token then return {0, redis.call('LRANGE', messages, -history, -1)} end
 local evicted = 0
 if ARGV[6] == '1' then
     if 2 > max_messages then return {-5} end
-    evicted = create(meta, id, tonumber(ARGV[9]))
+    evicted = create(meta, id, tonumber(ARGV[9]), owner)
     if evicted < 0 then return {evicted} end
 else
-    if redis.call('EXISTS', meta) == 0 then return {-3} end
+    if not owned(meta, owner) then return {-3} end
     if locked(id) then return {-4} end
     local room = 2
     if held then room = 3 end
@@ -115,10 +131,9 @@ end
 redis.call('RPUSH', messages, ARGV[12])
 redis.call('HSET', meta, 'updated_at', now, 'turn', token)
 redis.call('SET', KEYS[4], token, 'PX', ARGV[8])
-redis.call('ZADD', active, now, id)
+touch(id, owner)
 keep(meta)
 keep(messages)
-keep(active)
 return {evicted, redis.call('LRANGE', messages, -history, -1)}
 """
 
@@ -134,10 +149,9 @@ redis.call('RPUSH', messages, ARGV[7])
 redis.call('HSET', meta, 'updated_at', now)
 redis.call('HDEL', meta, 'turn')
 if redis.call('GET', KEYS[4]) == ARGV[6] then redis.call('DEL', KEYS[4]) end
-redis.call('ZADD', active, now, ARGV[5])
+touch(ARGV[5], owner_of(ARGV[5]))
 keep(meta)
 keep(messages)
-keep(active)
 return 1
 """
 
@@ -157,35 +171,38 @@ if redis.call('GET', KEYS[4]) == ARGV[6] then redis.call('DEL', KEYS[4]) end
 return 1
 """
 
-# KEYS[2..3]: meta, messages. Returns false, or {created_at, updated_at, message count}.
+# KEYS[2..3]: meta, messages. ARGV[5]: owner. Returns false, or {created_at, updated_at,
+# message count}.
 _INFO = """
 sweep()
+if not owned(KEYS[2], ARGV[5]) then return false end
 local meta = redis.call('HMGET', KEYS[2], 'created_at', 'updated_at')
 if not meta[1] then return false end
 return {meta[1], meta[2], redis.call('LLEN', KEYS[3])}
 """
 
-# KEYS[2..3]: meta, messages. ARGV[5..6]: LRANGE start, stop. Returns {0} or {1, messages}.
+# KEYS[2..3]: meta, messages. ARGV[5..7]: LRANGE start, stop, owner. Returns {0} or
+# {1, messages}.
 _MESSAGES = """
 sweep()
-if redis.call('EXISTS', KEYS[2]) == 0 then return {0} end
+if not owned(KEYS[2], ARGV[7]) then return {0} end
 return {1, redis.call('LRANGE', KEYS[3], ARGV[5], ARGV[6])}
 """
 
-# KEYS[2]: meta. ARGV[5]: id. Returns 0 (not found), -1 (locked) or 1.
+# KEYS[2]: meta. ARGV[5..6]: id, owner. Returns 0 (not found), -1 (locked) or 1.
 _DELETE = """
 sweep()
-if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+if not owned(KEYS[2], ARGV[6]) then return 0 end
 if locked(ARGV[5]) then return -1 end
 drop(ARGV[5])
 return 1
 """
 
-# ARGV[5]: limit (>= 1). Returns {{id, created_at, updated_at, message count}, ...}.
+# ARGV[5..6]: limit (>= 1), owner. Returns {{id, created_at, updated_at, message count}, ...}.
 _LIST = """
 sweep()
 local out = {}
-for _, id in ipairs(redis.call('ZREVRANGE', active, 0, tonumber(ARGV[5]) - 1)) do
+for _, id in ipairs(redis.call('ZREVRANGE', prefix .. 'owned:' .. ARGV[6], 0, tonumber(ARGV[5]) - 1)) do
     local meta = redis.call('HMGET', prefix .. 'meta:' .. id, 'created_at', 'updated_at')
     if meta[1] then
         out[#out + 1] = {id, meta[1], meta[2], redis.call('LLEN', prefix .. 'messages:' .. id)}
@@ -194,8 +211,10 @@ end
 return out
 """
 
+# ARGV[5]: '1' to count one owner's, ARGV[6]: that owner.
 _COUNT = """
 sweep()
+if ARGV[5] == '1' then return redis.call('ZCARD', prefix .. 'owned:' .. ARGV[6]) end
 return redis.call('ZCARD', active)
 """
 
@@ -283,12 +302,12 @@ class RedisStore:
             raise StorageUnavailable(f"the Redis store failed: {type(exc).__name__}: {exc}") from exc
 
     async def begin_turn(
-        self, conversation_id: str, user: Message, *, token: str, new: bool, history: int
+        self, conversation_id: str, user: Message, *, token: str, new: bool, history: int, owner: str = ""
     ) -> list[Message]:
         max_conversations, max_messages = self.limits.max_conversations, self.limits.max_messages
         result = await self._call(
             self._begin_turn, conversation_id, conversation_id, "1" if new else "0", token, self._lock_ms,
-            max_conversations, max_messages, history, _message_json(user),
+            max_conversations, max_messages, history, _message_json(user), owner,
         )  # fmt: skip
         code = int(result[0])
         if code < 0:
@@ -317,10 +336,12 @@ class RedisStore:
         )
         return bool(undone)
 
-    async def create(self, conversation_id: str) -> ConversationInfo:
+    async def create(self, conversation_id: str, *, owner: str = "") -> ConversationInfo:
         now = self._clock()
         result = int(
-            await self._call(self._create, conversation_id, conversation_id, self.limits.max_conversations)
+            await self._call(
+                self._create, conversation_id, conversation_id, self.limits.max_conversations, owner
+            )
         )
         if result == -2:
             raise ValueError(f"conversation {conversation_id} exists")
@@ -329,41 +350,43 @@ class RedisStore:
         self.evicted += result
         return ConversationInfo(conversation_id, now, now, 0)
 
-    async def info(self, conversation_id: str) -> ConversationInfo | None:
-        result = await self._call(self._info, conversation_id)
+    async def info(self, conversation_id: str, *, owner: str = "") -> ConversationInfo | None:
+        result = await self._call(self._info, conversation_id, owner)
         if not result:
             return None
         created_at, updated_at, count = result
         return ConversationInfo(conversation_id, float(created_at), float(updated_at), int(count))
 
-    async def messages(self, conversation_id: str, last: int | None = None) -> list[Message]:
+    async def messages(
+        self, conversation_id: str, last: int | None = None, *, owner: str = ""
+    ) -> list[Message]:
         if last is None:
             start, stop = 0, -1
         elif last > 0:
             start, stop = -last, -1
         else:
             start, stop = 1, 0  # an empty range, after the existence check
-        result = await self._call(self._messages, conversation_id, start, stop)
+        result = await self._call(self._messages, conversation_id, start, stop, owner)
         if result[0] == 0:
             raise _not_found(conversation_id)
         return [_message_from_json(text) for text in result[1]]
 
-    async def delete(self, conversation_id: str) -> bool:
-        result = await self._call(self._delete, conversation_id, conversation_id)
+    async def delete(self, conversation_id: str, *, owner: str = "") -> bool:
+        result = await self._call(self._delete, conversation_id, conversation_id, owner)
         if result == -1:
             raise _busy(conversation_id)
         return bool(result == 1)
 
-    async def list(self, limit: int) -> list[ConversationInfo]:
+    async def list(self, limit: int, *, owner: str = "") -> list[ConversationInfo]:
         if limit <= 0:
             return []
-        rows: list[list[Any]] = await self._call(self._list, None, limit)
+        rows: list[list[Any]] = await self._call(self._list, None, limit, owner)
         return [
             ConversationInfo(cid, float(created), float(updated), int(n)) for cid, created, updated, n in rows
         ]
 
-    async def count(self) -> int:
-        return int(await self._call(self._count, None))
+    async def count(self, *, owner: str | None = None) -> int:
+        return int(await self._call(self._count, None, "0" if owner is None else "1", owner or ""))
 
     async def close(self) -> None:
         await self._redis.aclose()

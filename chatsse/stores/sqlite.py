@@ -38,7 +38,8 @@ CREATE TABLE IF NOT EXISTS conversations (
     updated_at REAL NOT NULL,
     message_count INTEGER NOT NULL DEFAULT 0,
     lock_owner TEXT,
-    lock_expires_at REAL
+    lock_expires_at REAL,
+    owner TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS conversations_by_activity ON conversations (updated_at, id);
 CREATE TABLE IF NOT EXISTS messages (
@@ -61,6 +62,9 @@ CREATE TABLE IF NOT EXISTS messages (
 _UNLOCKED = "(lock_owner IS NULL OR lock_expires_at <= :now)"
 _LIVE = "(updated_at > :deadline OR NOT " + _UNLOCKED + ")"
 _COLUMNS = "id, role, content, created_at, finish_reason"
+# A file made before conversations had owners gains the column (its conversations: the
+# anonymous owner's); the owner index is made after that.
+_OWNER_INDEX = "CREATE INDEX IF NOT EXISTS conversations_by_owner ON conversations (owner, updated_at, id)"
 
 
 @contextmanager
@@ -180,6 +184,10 @@ class SQLiteStore:
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
+                columns = {row[1] for row in conn.execute("PRAGMA table_info(conversations)")}
+                if "owner" not in columns:
+                    conn.execute("ALTER TABLE conversations ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
+                conn.execute(_OWNER_INDEX)
         except BaseException:
             conn.close()
             raise
@@ -214,7 +222,12 @@ class SQLiteStore:
         conn.execute(f"DELETE FROM conversations WHERE updated_at <= :deadline AND {_UNLOCKED}", times)
 
     def _insert(
-        self, conn: sqlite3.Connection, conversation_id: str, times: dict[str, float], token: str | None
+        self,
+        conn: sqlite3.Connection,
+        conversation_id: str,
+        times: dict[str, float],
+        token: str | None,
+        owner: str,
     ) -> bool:
         """Insert an empty conversation (locked for ``token``), evicting at the cap; True if it
         evicted one. Call inside a write transaction, after a sweep."""
@@ -232,14 +245,14 @@ class SQLiteStore:
             evicted = True
         now = times["now"]
         conn.execute(
-            "INSERT INTO conversations (id, created_at, updated_at, lock_owner, lock_expires_at)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (conversation_id, now, now, token, None if token is None else now + self.limits.lock_ttl),
+            "INSERT INTO conversations (id, created_at, updated_at, lock_owner, lock_expires_at, owner)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (conversation_id, now, now, token, None if token is None else now + self.limits.lock_ttl, owner),
         )
         return evicted
 
     async def begin_turn(
-        self, conversation_id: str, user: Message, *, token: str, new: bool, history: int
+        self, conversation_id: str, user: Message, *, token: str, new: bool, history: int, owner: str = ""
     ) -> list[Message]:
         times = self._times()
         now = times["now"]
@@ -250,20 +263,23 @@ class SQLiteStore:
             with _transaction(conn, "IMMEDIATE"):
                 self._sweep(conn, times)
                 row = conn.execute(
-                    "SELECT message_count, lock_owner, lock_expires_at FROM conversations WHERE id = ?",
+                    "SELECT message_count, lock_owner, lock_expires_at, owner FROM conversations"
+                    " WHERE id = ?",
                     (conversation_id,),
                 ).fetchone()
+                if row is not None and row[3] != owner and not new:
+                    row = None  # another owner's: not there
                 if row is not None and row[1] == token:  # a retried call: the turn has begun
                     return False, _last_messages(conn, conversation_id, row[0], history)
                 if new:
                     if _room_needed(False) > max_messages:
                         raise _full(max_messages)
-                    evicted = self._insert(conn, conversation_id, times, token)
+                    evicted = self._insert(conn, conversation_id, times, token, owner)
                     count = 0
                 else:
                     if row is None:
                         raise _not_found(conversation_id)
-                    count, orphaned, expires_at = row
+                    count, orphaned, expires_at, _ = row
                     if orphaned is not None and expires_at > now:
                         raise _busy(conversation_id)
                     if count + _room_needed(orphaned is not None) > max_messages:
@@ -335,39 +351,41 @@ class SQLiteStore:
 
         return await self._run(cancel)
 
-    async def create(self, conversation_id: str) -> ConversationInfo:
+    async def create(self, conversation_id: str, *, owner: str = "") -> ConversationInfo:
         times = self._times()
         now = times["now"]
 
         def create(conn: sqlite3.Connection) -> bool:
             with _transaction(conn, "IMMEDIATE"):
                 self._sweep(conn, times)
-                return self._insert(conn, conversation_id, times, None)
+                return self._insert(conn, conversation_id, times, None, owner)
 
         self.evicted += await self._run(create)
         return ConversationInfo(conversation_id, now, now, 0)
 
-    async def info(self, conversation_id: str) -> ConversationInfo | None:
+    async def info(self, conversation_id: str, *, owner: str = "") -> ConversationInfo | None:
         times = self._times()
 
         def info(conn: sqlite3.Connection) -> ConversationInfo | None:
             row = conn.execute(
                 "SELECT id, created_at, updated_at, message_count FROM conversations"
-                f" WHERE id = :id AND {_LIVE}",
-                {**times, "id": conversation_id},
+                f" WHERE id = :id AND owner = :owner AND {_LIVE}",
+                {**times, "id": conversation_id, "owner": owner},
             ).fetchone()
             return None if row is None else ConversationInfo(*row)
 
         return await self._run(info)
 
-    async def messages(self, conversation_id: str, last: int | None = None) -> list[Message]:
+    async def messages(
+        self, conversation_id: str, last: int | None = None, *, owner: str = ""
+    ) -> list[Message]:
         times = self._times()
 
         def messages(conn: sqlite3.Connection) -> list[Message]:
             with _transaction(conn, "DEFERRED"):
                 row = conn.execute(
-                    f"SELECT message_count FROM conversations WHERE id = :id AND {_LIVE}",
-                    {**times, "id": conversation_id},
+                    f"SELECT message_count FROM conversations WHERE id = :id AND owner = :owner AND {_LIVE}",
+                    {**times, "id": conversation_id, "owner": owner},
                 ).fetchone()
                 if row is None:
                     raise _not_found(conversation_id)
@@ -377,14 +395,15 @@ class SQLiteStore:
 
         return await self._run(messages)
 
-    async def delete(self, conversation_id: str) -> bool:
+    async def delete(self, conversation_id: str, *, owner: str = "") -> bool:
         times = self._times()
 
         def delete(conn: sqlite3.Connection) -> bool:
             with _transaction(conn, "IMMEDIATE"):
                 self._sweep(conn, times)
                 row = conn.execute(
-                    f"SELECT {_UNLOCKED} FROM conversations WHERE id = :id", {**times, "id": conversation_id}
+                    f"SELECT {_UNLOCKED} FROM conversations WHERE id = :id AND owner = :owner",
+                    {**times, "id": conversation_id, "owner": owner},
                 ).fetchone()
                 if row is None:
                     return False
@@ -395,32 +414,35 @@ class SQLiteStore:
 
         return await self._run(delete)
 
-    async def list(self, limit: int) -> list[ConversationInfo]:
+    async def list(self, limit: int, *, owner: str = "") -> list[ConversationInfo]:
         times = self._times()
 
         def list_(conn: sqlite3.Connection) -> list[ConversationInfo]:
             rows = conn.execute(
                 "SELECT id, created_at, updated_at, message_count FROM conversations"
-                f" WHERE {_LIVE} ORDER BY updated_at DESC, id DESC LIMIT :limit",
-                {**times, "limit": max(limit, 0)},  # a negative LIMIT means no limit in SQLite
+                f" WHERE owner = :owner AND {_LIVE} ORDER BY updated_at DESC, id DESC LIMIT :limit",
+                # a negative LIMIT means no limit in SQLite
+                {**times, "limit": max(limit, 0), "owner": owner},
             ).fetchall()
             return [ConversationInfo(*row) for row in rows]
 
         return await self._run(list_)
 
-    async def count(self) -> int:
+    async def count(self, *, owner: str | None = None) -> int:
         times = self._times()
+        whose = "" if owner is None else " AND owner = :owner"
 
         def count(conn: sqlite3.Connection) -> int:
-            # Two index range counts (on updated_at), not a scan of every row: the fresh ones,
-            # and the stale ones whose lock is held.
+            # Two index range counts (on updated_at, or owner and updated_at), not a scan of
+            # every row: the fresh ones, and the stale ones whose lock is held.
             (fresh,) = conn.execute(
-                "SELECT COUNT(*) FROM conversations WHERE updated_at > :deadline", times
+                f"SELECT COUNT(*) FROM conversations WHERE updated_at > :deadline{whose}",
+                {**times, "owner": owner},
             ).fetchone()
             (held,) = conn.execute(
                 "SELECT COUNT(*) FROM conversations WHERE updated_at <= :deadline"
-                " AND lock_owner IS NOT NULL AND lock_expires_at > :now",
-                times,
+                f" AND lock_owner IS NOT NULL AND lock_expires_at > :now{whose}",
+                {**times, "owner": owner},
             ).fetchone()
             return int(fresh + held)
 
