@@ -17,6 +17,7 @@ NOTEBOOKS := $(wildcard notebooks/*.ipynb)
 
 URL ?= http://127.0.0.1:8000
 LOAD_ARGS ?= --requests 200 --concurrency 20
+FUZZ_EXAMPLES ?= 500
 
 # How llama-cpp-python's llama.cpp is compiled, once (uv caches the wheel by the sdist, so a
 # change here needs `.tools/bin/uv cache clean llama-cpp-python` to take effect). Portable: no
@@ -27,7 +28,7 @@ LOAD_ARGS ?= --requests 200 --concurrency 20
 LLAMA_LEAN := $(CURDIR)/$(TOOLS)/llama-cpp-lean.cmake
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DCMAKE_PROJECT_llama.cpp_INCLUDE=$(LLAMA_LEAN)
 
-.PHONY: help install install-model run run-dev run-model test test-model lint format type-check check-all bench bench-asgi load-test lab notebooks-html lock clean
+.PHONY: help install install-model run run-dev run-model test test-model fuzz lint format type-check check-all bench bench-asgi load-test lab notebooks-html lock clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -70,6 +71,9 @@ run-model: $(MODEL_STAMP) ## chatsse on CHATSSE_PORT (8000) in front of SmolLM2-
 
 test: $(STAMP) $(KERNEL) ## run the test suite and every notebook (quick mode)
 	CHATSSE_QUICK=1 $(BIN)/pytest tests notebooks --nbmake --nbmake-timeout=180 -m "not model" $(PYTEST_ARGS)
+
+fuzz: $(STAMP) ## fuzz every route with schemathesis against a running server (FUZZ_EXAMPLES per route)
+	CHATSSE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest tests/test_fuzz.py $(PYTEST_ARGS)
 
 test-model: $(MODEL_STAMP) ## the tests against a real model: llama.cpp's server alone and behind chatsse
 	$(BIN)/pytest tests/test_real_model.py -m model $(PYTEST_ARGS)

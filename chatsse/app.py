@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -31,6 +33,8 @@ from chatsse.logs import configure_logging, get_logger
 from chatsse.metrics import Metrics
 from chatsse.middleware import RequestContextMiddleware
 from chatsse.openai import add_openai_routes
+from chatsse.openai.wire import invalid_parameters, openai_error
+from chatsse.openapi import document_errors
 from chatsse.replay import ReplayLimits, open_replay_log
 from chatsse.replay.recorder import ReplayRecorder
 from chatsse.replay.signals import open_signals
@@ -149,10 +153,12 @@ def create_app(
     add_openai_routes(app, state)
     add_resume_routes(app, state)
     add_routes(app, state)
+    document_errors(app, keyed=bool(settings.keys_file))
     if settings.keys_file:  # innermost: CORS answers a preflight, and a 401 is counted and logged
         app.add_middleware(
             AuthMiddleware,
             keys=KeyRing(settings.keys_file),
+            serves=partial(_serves, app),
             operator_routes_open=settings.operator_routes_open,
         )
     if settings.cors_origins:
@@ -196,9 +202,34 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        if request.url.path.startswith("/v1/"):  # OpenAI's answer to bad parameters: 400
+            return invalid_parameters(exc.errors())
         return invalid_request(exc.errors())
 
     @app.exception_handler(HTTPException)
     async def on_http_error(request: Request, exc: HTTPException) -> Response:
         error_type = _HTTP_ERROR_TYPES.get(exc.status_code, "http_error")
-        return json_error(exc.status_code, error_type, str(exc.detail), exc.headers)
+        headers = exc.headers
+        if exc.status_code == 405:  # Starlette names the methods of one route; the path has more
+            headers = {**(headers or {}), "Allow": ", ".join(_methods_of(app, request.scope))}
+        if request.url.path.startswith("/v1/"):
+            return openai_error(exc.status_code, error_type, str(exc.detail), headers=headers)
+        return json_error(exc.status_code, error_type, str(exc.detail), headers)
+
+
+def _methods_of(app: FastAPI, scope: Scope) -> list[str]:
+    """Every method some route serves at the request's path."""
+    return sorted(_methods_at(app, scope["path"]))
+
+
+def _methods_at(app: FastAPI, path: str) -> set[str]:
+    methods: set[str] = set()
+    for route in app.router.routes:
+        if isinstance(route, APIRoute) and route.path_regex.match(path):
+            methods |= route.methods or set()
+    return methods
+
+
+def _serves(app: FastAPI, method: str, path: str) -> bool:
+    """Whether a route's handler answers ``method path`` (direct routes are declared too)."""
+    return method in _methods_at(app, path)

@@ -12,6 +12,7 @@ conversation it makes (chatsse/stores/base.py). A server without keys has one ca
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -51,18 +52,33 @@ def _bearer(scope: Scope) -> str | None:
 
 
 class AuthMiddleware:
-    def __init__(self, app: ASGIApp, *, keys: KeyRing, operator_routes_open: bool = False) -> None:
+    """``serves(method, path)``: whether a route's handler would answer the request. One that
+    reaches none (an unknown path, a method the path does not serve, a CORS preflight) gets its
+    404 or 405 without a key: no handler runs, and the schema is public anyway."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        keys: KeyRing,
+        serves: Callable[[str, str], bool],
+        operator_routes_open: bool = False,
+    ) -> None:
         self.app = app
         self.keys = keys
+        self.serves = serves
         self.operator_routes_open = operator_routes_open
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] != "http" or scope["method"] == "OPTIONS" or path in PUBLIC_PATHS:
+        if scope["type"] != "http" or path in PUBLIC_PATHS:
             await self.app(scope, receive, send)
             return
         token = _bearer(scope)
         key = self.keys.authenticate(token) if token else None
+        if key is None and not self.serves(scope["method"], path):
+            await self.app(scope, receive, send)
+            return
         if key is None:
             if token is None:
                 message, challenge = "no API key: send it as 'Authorization: Bearer <key>'", _REALM

@@ -192,7 +192,6 @@ API_ROUTES = [
     ("GET", "/v1/responses/resp_a.msg_b"),
     ("DELETE", "/v1/responses/resp_a.msg_b"),
     ("POST", "/v1/responses/resp_a.msg_b/cancel"),
-    ("GET", "/no/such/route"),
     ("GET", "/metrics"),
     ("GET", "/stats"),
 ]
@@ -294,3 +293,16 @@ def test_keys_file_is_json_a_person_can_read(keys_file: Path) -> None:
         "tokens_per_minute": None,
     }
     assert data["keys"][0]["hash"] == record.hash
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [("GET", "/no/such/route", 404), ("PUT", "/chat", 405), ("GET", "/chat", 405)],
+)
+def test_a_request_no_route_serves_gets_its_404_or_405_without_a_key(
+    keyed: tuple[str, str, str, str], method: str, path: str, status: int
+) -> None:
+    answer = httpx.request(method, keyed[0] + path, timeout=10)
+    assert answer.status_code == status
+    if status == 405:
+        assert answer.headers["allow"] == "POST"

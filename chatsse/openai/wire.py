@@ -11,7 +11,7 @@ The SDK raises by the HTTP status (``BadRequestError`` for 400, ``NotFoundError`
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from pydantic import ValidationError
@@ -68,7 +68,11 @@ def api_error(exc: ApiError) -> Response:
 
 def invalid_body(exc: ValidationError) -> Response:
     """400, as OpenAI answers a body it cannot take: the first problem's field as ``param``."""
-    errors = exc.errors(include_url=False)
+    return invalid_parameters(exc.errors(include_url=False))
+
+
+def invalid_parameters(errors: Sequence[Any]) -> Response:
+    """400 ``invalid_parameter`` for pydantic's ``errors`` (of a body, or of a query)."""
     problems = []
     for error in errors:
         where = ".".join(str(part) for part in error["loc"])
