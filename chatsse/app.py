@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from chatsse import __version__
 from chatsse.chat import add_chat_route
+from chatsse.connection import ConnectionLimits
 from chatsse.conversations import ConversationManager
 from chatsse.deadlines import Deadlines, derive
 from chatsse.engine import Engine, SimulatedEngine
@@ -26,8 +27,9 @@ from chatsse.errors import ApiError
 from chatsse.lifecycle import Lifecycle
 from chatsse.logs import configure_logging, get_logger
 from chatsse.metrics import Metrics
-from chatsse.middleware import RequestContextMiddleware
+from chatsse.middleware import BodyRefused, RequestContextMiddleware
 from chatsse.openai import add_openai_routes
+from chatsse.protocol import error_body_for
 from chatsse.replay import ReplayLimits, open_replay_log
 from chatsse.replay.recorder import ReplayRecorder
 from chatsse.replay.signals import open_signals
@@ -52,7 +54,8 @@ class ChatsseApp(FastAPI):
     """FastAPI, with three additions:
 
     - ``lifecycle``: the app's :class:`~chatsse.lifecycle.Lifecycle`, which the server commands
-      drain on shutdown;
+      drain on shutdown; ``connection_limits``, what the server commands let a client send
+      before the app answers (chatsse/connection.py);
     - the server's own ``send`` left in the scope for event-stream bodies (chatsse/sse.py,
       point 4): outside every middleware, Starlette's error middleware too;
     - direct routes (:meth:`add_direct_route`): plain ASGI endpoints that run inside the app's
@@ -60,6 +63,7 @@ class ChatsseApp(FastAPI):
     """
 
     lifecycle: Lifecycle
+    connection_limits: ConnectionLimits
 
     def add_direct_route(self, method: str, path: str, endpoint: ASGIApp) -> None:
         """Serve ``method path`` (exactly) with ``endpoint``, which answers its own errors."""
@@ -155,7 +159,9 @@ def create_app(
         RequestContextMiddleware,
         metrics=metrics,
         max_body_bytes=6 * settings.max_message_size + _BODY_OVERHEAD,
+        body_timeout=deadlines.body,
     )
+    app.connection_limits = ConnectionLimits.from_settings(settings, deadlines)
     return app
 
 
@@ -184,6 +190,11 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def on_invalid_request(request: Request, exc: RequestValidationError) -> Response:
         return invalid_request(exc.errors())
+
+    @app.exception_handler(BodyRefused)
+    async def on_body_refused(request: Request, exc: BodyRefused) -> Response:
+        body = error_body_for(request.scope["path"], exc.status_code, exc.type, str(exc.detail))
+        return Response(body, exc.status_code, exc.headers, media_type="application/json")
 
     @app.exception_handler(HTTPException)
     async def on_http_error(request: Request, exc: HTTPException) -> Response:
