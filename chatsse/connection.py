@@ -3,7 +3,8 @@
 :func:`sweep`, which applies its time bounds.
 
 uvicorn's httptools protocol bounds neither the time a client may take to send a request's
-line and headers nor their size (its h11 protocol bounds the size, to 16 KiB, not the time):
+line and headers nor their size (its h11 protocol bounds a head still incomplete, to 16 KiB,
+not the time):
 against uvicorn 0.54, a connection that sends half a request, or nothing, is held for ever,
 and a 1 MiB header is read and served. Every chatsse server command (``ChatsseServer``,
 chatsse/serving.py) therefore serves with this protocol:

@@ -52,7 +52,8 @@ class ChatsseServer(uvicorn.Server):
     For a chatsse app it also serves each connection with the app's connection limits
     (chatsse/connection.py: the time and size of a request's headers, the time of its body),
     sweeping its connections from uvicorn's own tick. An explicit ``http="h11"`` keeps h11,
-    whose size limit is set to the same value, with no time bounds."""
+    with no time bounds; its ``h11_max_incomplete_event_size`` is set to the header size limit,
+    which bounds a head still incomplete (measured: a whole 5000-byte head passed a 4096 one)."""
 
     def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle | None = None) -> None:
         super().__init__(config)

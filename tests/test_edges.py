@@ -21,7 +21,6 @@ from pydantic import BaseModel
 from support import metric_value, wait_for
 
 from chatsse import Settings, create_app
-from chatsse.connection import LimitedHttpProtocol
 from chatsse.engine import CompletionReason
 from chatsse.inprocess import InProcessServer
 from chatsse.models import Message
@@ -506,9 +505,7 @@ def _write_buffers(server: InProcessServer) -> list[int]:
 
     async def sizes() -> list[int]:
         connections = server._server.server_state.connections  # type: ignore[union-attr]
-        return [
-            c.transport.get_write_buffer_size() for c in connections if isinstance(c, LimitedHttpProtocol)
-        ]
+        return [c.transport.get_write_buffer_size() for c in connections]
 
     assert server._loop is not None
     return asyncio.run_coroutine_threadsafe(sizes(), server._loop).result(5)
