@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from chatsse import __version__
 from chatsse.auth import AuthMiddleware
 from chatsse.chat import add_chat_route
+from chatsse.connection import ConnectionLimits
 from chatsse.conversations import ConversationManager
 from chatsse.deadlines import Deadlines, derive
 from chatsse.engine import Engine, SimulatedEngine
@@ -31,10 +32,11 @@ from chatsse.lifecycle import Lifecycle
 from chatsse.limits import TurnLimits, open_limiter
 from chatsse.logs import configure_logging, get_logger
 from chatsse.metrics import Metrics
-from chatsse.middleware import RequestContextMiddleware
+from chatsse.middleware import BodyRefused, RequestContextMiddleware
 from chatsse.openai import add_openai_routes
 from chatsse.openai.wire import invalid_parameters, openai_error
 from chatsse.openapi import document_errors
+from chatsse.protocol import error_body_for
 from chatsse.replay import ReplayLimits, open_replay_log
 from chatsse.replay.recorder import ReplayRecorder
 from chatsse.replay.signals import open_signals
@@ -59,7 +61,8 @@ class ChatsseApp(FastAPI):
     """FastAPI, with three additions:
 
     - ``lifecycle``: the app's :class:`~chatsse.lifecycle.Lifecycle`, which the server commands
-      drain on shutdown;
+      drain on shutdown; ``connection_limits``, what the server commands let a client send
+      before the app answers (chatsse/connection.py);
     - the server's own ``send`` left in the scope for event-stream bodies (chatsse/sse.py,
       point 4): outside every middleware, Starlette's error middleware too;
     - direct routes (:meth:`add_direct_route`): plain ASGI endpoints that run inside the app's
@@ -67,6 +70,7 @@ class ChatsseApp(FastAPI):
     """
 
     lifecycle: Lifecycle
+    connection_limits: ConnectionLimits
 
     def add_direct_route(self, method: str, path: str, endpoint: ASGIApp) -> None:
         """Serve ``method path`` (exactly) with ``endpoint``, which answers its own errors."""
@@ -174,7 +178,9 @@ def create_app(
         RequestContextMiddleware,
         metrics=metrics,
         max_body_bytes=6 * settings.max_message_size + _BODY_OVERHEAD,
+        body_timeout=deadlines.body,
     )
+    app.connection_limits = ConnectionLimits.from_settings(settings, deadlines)
     return app
 
 
@@ -205,6 +211,11 @@ def _add_error_handlers(app: FastAPI) -> None:
         if request.url.path.startswith("/v1/"):  # OpenAI's answer to bad parameters: 400
             return invalid_parameters(exc.errors())
         return invalid_request(exc.errors())
+
+    @app.exception_handler(BodyRefused)
+    async def on_body_refused(request: Request, exc: BodyRefused) -> Response:
+        body = error_body_for(request.scope["path"], exc.status_code, exc.type, str(exc.detail))
+        return Response(body, exc.status_code, exc.headers, media_type="application/json")
 
     @app.exception_handler(HTTPException)
     async def on_http_error(request: Request, exc: HTTPException) -> Response:

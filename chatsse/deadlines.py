@@ -1,7 +1,9 @@
 """Every time bound chatsse applies, derived from settings in one function: :func:`derive`.
 
-A stream's life, and what bounds each wait in it::
+A request's life, and what bounds each wait in it::
 
+    connect -> request line, headers header        (CHATSSE_HEADER_TIMEOUT)
+            -> the request's body .. body          (CHATSSE_BODY_TIMEOUT, from the headers' end)
     admit -> begin_turn ............ store         (CHATSSE_STORE_TIMEOUT)
           -> first token ........... first_token   (CHATSSE_ENGINE_FIRST_TOKEN_TIMEOUT)
           -> each next token ....... token_gap     (CHATSSE_ENGINE_IDLE_TIMEOUT)
@@ -11,7 +13,9 @@ A stream's life, and what bounds each wait in it::
 
 The engine, write and reply bounds are checked by the lifecycle's watchdog every ``tick``
 seconds (chatsse/lifecycle.py), so a stream pays no timer per token; a bound is therefore
-enforced within one tick of its value. Store calls run under ``asyncio.timeout``.
+enforced within one tick of its value. Store calls run under ``asyncio.timeout``. The header
+and body bounds are checked by the server's sweep of its connections every ``sweep`` seconds
+(chatsse/connection.py), so a request pays no timer either.
 
 On shutdown, streams get ``grace`` seconds; then each still open stores its partial reply
 (``store``) and writes its last event (``write``). The server's own graceful timeout, and
@@ -47,6 +51,9 @@ class Deadlines:
     gunicorn_graceful: int  # gunicorn's graceful_timeout: after it, gunicorn kills the worker
     gunicorn_timeout: int  # gunicorn's heartbeat timeout; a draining worker sends no heartbeat
     busy_retry_after: int  # the Retry-After of a 503 server_busy: a client's SSE retry delay
+    header: float  # a request's line and headers, from its first byte (or the connection's opening)
+    body: float  # a request's body, from the end of its headers
+    sweep: float  # seconds between two looks of the server at every connection's head and body (0.1 to 0.5)
 
 
 def derive(settings: Settings) -> Deadlines:
@@ -73,4 +80,8 @@ def derive(settings: Settings) -> Deadlines:
         gunicorn_graceful=gunicorn_graceful,
         gunicorn_timeout=max(30, gunicorn_graceful + 5),
         busy_retry_after=max(1, round(settings.sse_retry_ms / 1000)),
+        header=settings.header_timeout,
+        body=settings.body_timeout,
+        # In tenths of a second: the server sweeps on uvicorn's own 0.1 s tick.
+        sweep=max(1, min(5, math.floor(10 * min(settings.header_timeout, settings.body_timeout) / 4))) / 10,
     )

@@ -14,13 +14,13 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from pydantic import ValidationError
-from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from chatsse.errors import ApiError
 from chatsse.logs import get_logger
+from chatsse.middleware import BodyRefused
 from chatsse.state import AppState
 
 __all__ = ["DirectEndpoint"]
@@ -82,8 +82,10 @@ class DirectEndpoint(ABC):
             response = self.invalid(exc)
         except ApiError as exc:
             response = self.api_error(exc)
-        except HTTPException as exc:  # the body was over the size limit (RequestContextMiddleware)
-            response = self.error(exc.status_code, "request_too_large", str(exc.detail))
+        except BodyRefused as exc:  # over the size limit, or late (RequestContextMiddleware)
+            response = self.error(exc.status_code, exc.type, str(exc.detail))
+            if exc.headers:
+                response.headers.update(exc.headers)
         except Exception as exc:
             log.error("request_failed", path=self.path, error=f"{type(exc).__name__}: {exc}", exc_info=exc)
             response = self.error(500, "internal_error", "the server failed to start the turn")

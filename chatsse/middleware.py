@@ -1,15 +1,14 @@
 """Pure ASGI middleware (no ``BaseHTTPMiddleware``: it would sit between every event and
-the socket). One middleware does the per-request bookkeeping: request id, body size
-limit, metrics and the single log line at the end of each request or stream."""
+the socket). One middleware does the per-request bookkeeping: request id, body size and
+time limits, metrics and the single log line at the end of each request or stream."""
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import structlog
 from starlette.exceptions import HTTPException
@@ -17,12 +16,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chatsse.ids import new_id
 from chatsse.metrics import Metrics
-from chatsse.protocol import error_body, openai_error_data
+from chatsse.protocol import error_body_for
 
 __all__ = [
     "REQUEST_ID_HEADER",
     "SCOPE_ARRIVED",
     "SCOPE_LOG_FIELDS",
+    "BodyRefused",
+    "BodyTimeout",
     "BodyTooLarge",
     "RequestContextMiddleware",
     "send_error",
@@ -36,10 +37,11 @@ SCOPE_LOG_FIELDS = "chatsse.log_fields"
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int, body_timeout: float) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
         self.log = structlog.stdlib.get_logger("chatsse.access")
         self._logger = logging.getLogger("chatsse.access")
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
@@ -70,7 +72,8 @@ class RequestContextMiddleware:
                 message = f"request body over {self.max_body_bytes} bytes"
                 await send_error(send_with_id, 413, "request_too_large", message, scope["path"])
             else:
-                await self.app(scope, _limited(receive, self.max_body_bytes), send_with_id)
+                receive = _limited(receive, self.max_body_bytes, arrived, self.body_timeout)
+                await self.app(scope, receive, send_with_id)
         finally:
             self._record(scope, status, arrived, fields)
             structlog.contextvars.reset_contextvars(**tokens)
@@ -95,17 +98,42 @@ class RequestContextMiddleware:
             )  # fmt: skip
 
 
-class BodyTooLarge(HTTPException):
-    """Raised while reading a body that exceeds the limit without declaring its length.
+class BodyRefused(HTTPException):
+    """Raised while a request body is read: it is over the size limit, or late.
 
-    An ``HTTPException``, so FastAPI's body parsing lets it through as a 413."""
+    An ``HTTPException``, so FastAPI's body parsing lets it through; the direct endpoints and
+    the app's handler answer it in the front's error shape, with ``type``."""
+
+    type: ClassVar[str]
+
+
+class BodyTooLarge(BodyRefused):
+    """A body over the limit that did not declare its length (one that did is refused unread)."""
+
+    type = "request_too_large"
 
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"request body over {limit} bytes")
 
 
-def _limited(receive: Receive, limit: int) -> Receive:
+class BodyTimeout(BodyRefused):
+    """A body still incomplete ``CHATSSE_BODY_TIMEOUT`` seconds after its request arrived; the
+    answer closes the connection."""
+
+    type = "request_timeout"
+
+    def __init__(self, timeout: float) -> None:
+        message = f"the request body did not arrive within {timeout:g} s (CHATSSE_BODY_TIMEOUT)"
+        super().__init__(408, message, headers={"connection": "close"})
+
+
+def _limited(receive: Receive, limit: int, arrived: float, timeout: float) -> Receive:
+    """``receive``, refusing a body over ``limit`` bytes, or one still incomplete ``timeout``
+    seconds after ``arrived``. The time is looked at when a part of a body arrives without its
+    end, which costs a complete body nothing; a client that sends nothing more is woken by the
+    server's connection sweep (chatsse/connection.py), which makes this ``receive`` return."""
     seen = 0
+    deadline = arrived + timeout
 
     async def limited_receive() -> Message:
         nonlocal seen
@@ -114,6 +142,8 @@ def _limited(receive: Receive, limit: int) -> Receive:
             seen += len(message.get("body", b""))
             if seen > limit:
                 raise BodyTooLarge(limit)
+            if message.get("more_body", False) and time.perf_counter() > deadline:
+                raise BodyTimeout(timeout)
         return message
 
     return limited_receive
@@ -148,10 +178,7 @@ async def send_error(
     headers: Sequence[tuple[bytes, str]] = (),
 ) -> None:
     """Answer with a JSON error in the shape of the front ``path`` belongs to."""
-    if path.startswith("/v1/"):  # the OpenAI fronts answer in OpenAI's error shape
-        body = json.dumps(openai_error_data(status, error_type, message), separators=(",", ":")).encode()
-    else:
-        body = error_body(error_type, message)
+    body = error_body_for(path, status, error_type, message)
     await send(
         {
             "type": "http.response.start",

@@ -44,6 +44,7 @@ __all__ = [
     "Timings",
     "Usage",
     "error_body",
+    "error_body_for",
     "error_envelope",
     "event_id",
     "openai_error_data",
@@ -148,9 +149,11 @@ HTTP_ERRORS: Final[dict[str, int]] = {
     "method_not_allowed": 405,
     "conversation_busy": 409,
     "conversation_full": 409,
+    "request_timeout": 408,
     "message_too_large": 413,
     "request_too_large": 413,
     "invalid_request": 422,
+    "headers_too_large": 431,
     "server_busy": 503,
     "conversation_limit": 503,
     "shutting_down": 503,
@@ -197,6 +200,15 @@ def openai_error_data(status: int, code: str, message: str, param: str | None = 
 
 def error_body(error_type: str, message: str, **extra: Any) -> bytes:
     return json.dumps(error_envelope(error_type, message, **extra), separators=(",", ":")).encode()
+
+
+def error_body_for(path: str, status: int, error_type: str, message: str) -> bytes:
+    """The error body of the front that serves ``path``: OpenAI's shape under ``/v1/``,
+    chatsse's elsewhere. For errors found before a front's own code runs (the headers, the
+    body's size or time)."""
+    if path.startswith("/v1/"):
+        return json.dumps(openai_error_data(status, error_type, message), separators=(",", ":")).encode()
+    return error_body(error_type, message)
 
 
 # --- how a stream ends ----------------------------------------------------------------------

@@ -12,11 +12,13 @@ import gc
 import socket
 import sys
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 import uvicorn
 from uvicorn_worker import UvicornWorker
 
+from chatsse.connection import LimitedHttpProtocol, connection_limits_of, sweep
 from chatsse.deadlines import derive
 from chatsse.lifecycle import Lifecycle, lifecycle_of
 from chatsse.logs import configure_logging, get_logger, gunicorn_log_config
@@ -36,19 +38,41 @@ __all__ = [
 ]
 
 
+_UVICORN_TICK = 0.1  # seconds between two calls of uvicorn.Server.on_tick
+
+
 class ChatsseServer(uvicorn.Server):
     """uvicorn's server, whose shutdown first drains the app's streams (its lifecycle) and
     then waits for them no longer than the app's deadlines allow (chatsse/deadlines.py).
 
     uvicorn alone tells an app nothing of a shutdown until every connection has closed,
     which a stream never does by itself; it would wait for every reply to end, or, with a
-    graceful timeout, cut the streams with no last event."""
+    graceful timeout, cut the streams with no last event.
+
+    For a chatsse app it also serves each connection with the app's connection limits
+    (chatsse/connection.py: the time and size of a request's headers, the time of its body),
+    sweeping its connections from uvicorn's own tick. An explicit ``http="h11"`` keeps h11,
+    with no time bounds; its ``h11_max_incomplete_event_size`` is set to the header size limit,
+    which bounds a head still incomplete (measured: a whole 5000-byte head passed a 4096 one)."""
 
     def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle | None = None) -> None:
         super().__init__(config)
         self.lifecycle = lifecycle
         if lifecycle is not None:
             config.timeout_graceful_shutdown = lifecycle.deadlines.server_shutdown  # type: ignore[assignment]
+        self._sweep_every = 0  # uvicorn ticks between two sweeps of the connections; 0: none
+        limits = connection_limits_of(config.app)
+        if limits is not None:
+            if config.http in ("auto", "httptools"):
+                config.http = partial(LimitedHttpProtocol, limits=limits)  # type: ignore[assignment]
+                self._sweep_every = max(1, round(limits.sweep / _UVICORN_TICK))
+            if config.h11_max_incomplete_event_size is None:
+                config.h11_max_incomplete_event_size = limits.max_header_bytes
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._sweep_every and counter % self._sweep_every == 0:
+            sweep(self.server_state.connections)
+        return await super().on_tick(counter)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         if self.lifecycle is not None:

@@ -70,6 +70,12 @@ class Settings(BaseSettings):
     shutdown_grace_period: float = Field(10.0, ge=0, le=3600)
     keepalive: int = Field(5, ge=1, le=300)
 
+    # The edge: what a client may send before the app answers (chatsse/connection.py)
+    header_timeout: float = Field(10.0, gt=0, le=3600)
+    body_timeout: float = Field(30.0, gt=0, le=3600)
+    max_header_size: int = Field(16_384, ge=1024, le=1024 * 1024)
+    max_headers: int = Field(100, ge=8, le=10_000)
+
     # Streaming
     sse_keepalive_interval: float = Field(15.0, gt=0, le=3600)
     sse_retry_ms: int = Field(3000, ge=0, le=3_600_000)

@@ -187,6 +187,10 @@ def test_explicit_origins_with_credentials_are_accepted(monkeypatch: pytest.Monk
         ("CHATSSE_SIM_JITTER", "1.5"),
         ("CHATSSE_MAX_CONVERSATION_MESSAGES", "1"),
         ("CHATSSE_REQUEST_TIMEOUT", "0"),
+        ("CHATSSE_HEADER_TIMEOUT", "0"),
+        ("CHATSSE_BODY_TIMEOUT", "-1"),
+        ("CHATSSE_MAX_HEADER_SIZE", "100"),
+        ("CHATSSE_MAX_HEADERS", "0"),
     ],
 )
 def test_invalid_value_raises_settings_error_naming_the_variable(
