@@ -21,6 +21,7 @@ from httpx_sse import ServerSentEvent, connect_sse
 from redis_server import RedisServer, redis_server
 from support import chat, wait_for
 
+from chatsse import protocol
 from chatsse.processes import GunicornServer
 
 SLOW = {"sim_ttft_ms": 0, "sim_token_interval_ms": 20, "sim_reply_tokens_min": 60, "sim_reply_tokens_max": 60}
@@ -467,3 +468,47 @@ def test_a_responses_resume_after_its_producer_is_killed_fails_after_the_clients
     failed = json.loads(rest[-1].data)
     assert failed["type"] == "response.failed"
     assert failed["response"]["error"]["code"] == "stream_lost"
+
+
+@pytest.mark.parametrize("outage", [1.0, None], ids=["short", "long"])
+def test_a_store_that_fails_under_a_resumed_stream_holds_it_up_then_ends_it_with_storage_error(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch, outage: float | None
+) -> None:
+    """Found by the chaos run (Redis restarted under traffic): a read of the log that failed
+    mid-stream escaped the response, and the resumed stream's connection closed with no last
+    event. A short outage is now ridden out; a long one ends with ``storage_error``."""
+    from chatsse.errors import StorageUnavailable
+    from chatsse.replay.memory import MemoryReplayLog
+
+    server = serve(**SLOW)  # 60 tokens, 20 ms apart
+    real = MemoryReplayLog.read
+    failing: dict[str, float] = {}
+
+    async def read(self: MemoryReplayLog, reply_id: str, after: int = -1, *, limit: int = 1000) -> Any:
+        began = failing.get("since")
+        if began is not None and (outage is None or time.monotonic() - began < outage):
+            raise StorageUnavailable("the store is down (test)")
+        return await real(self, reply_id, after, limit=limit)
+
+    monkeypatch.setattr(MemoryReplayLog, "read", read)
+    thread, events, started = stream_in_thread(server.url, "resume me through an outage")
+    assert started.wait(10)
+    connected = json.loads(events[0].data)
+    followed: list[ServerSentEvent] = []
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        headers = {"Last-Event-ID": events[0].id}
+        with connect_sse(client, "GET", connected["resume_url"], headers=headers) as source:
+            for event in source.iter_sse():
+                followed.append(event)
+                if len(followed) == 3:
+                    failing["since"] = time.monotonic()
+    thread.join(10)
+    last = followed[-1]
+    if outage is not None:
+        assert last.event == "completed"
+        assert deltas(events[:1] + followed) == json.loads(last.data)["content"]
+    else:
+        assert last.event == "error"
+        assert json.loads(last.data)["type"] == "storage_error"
+        ids = [protocol.parse_event_id(e.id)[1] for e in followed]
+        assert ids == list(range(1, len(ids) + 1))  # the error follows the last event sent
