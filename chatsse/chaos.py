@@ -50,6 +50,8 @@ from chatsse.soak import (
     StoreKind,
     StoreUnderTest,
     event_loop,
+    log_digest,
+    log_errors,
     machine,
     proc_sample,
     served,
@@ -379,7 +381,7 @@ def _ending(exchange: Exchange) -> str:
 def _effects(record: TrafficRecord, fault: dict[str, Any], until: float) -> dict[str, Any]:
     """The streams open when the fault hit and how they ended; the requests that failed while
     it lasted (to ``over_at``: its recovery, and for a killed worker its replacement serving)
-    and after it (to ``until``, the next fault or the run's end)."""
+    and after it (sent after that, ended before ``until``: the next fault or the run's end)."""
     at, over = fault["at"], fault["over_at"]
     traffic = [e for e in record.exchanges if e.kind != PROBE]
     streams = [e for e in traffic if e.opened is not None and e.opened <= at < e.ended]
@@ -388,7 +390,7 @@ def _effects(record: TrafficRecord, fault: dict[str, Any], until: float) -> dict
     # A resume of a stream the fault cut is told with that stream (its ending's "resumed").
     counted = [e for e in traffic if not e.after_cut]
     during = [e for e in counted if e.ended >= at and e.started <= end_of_fault]
-    after = [e for e in counted if end_of_fault < e.started < until]
+    after = [e for e in counted if end_of_fault < e.started and e.ended < until]  # not the next fault's
     return {
         "streams_open": len(streams),
         "stream_endings": dict(sorted(Counter(_ending(e) for e in streams).items())),
@@ -453,6 +455,8 @@ async def _chaos(run: _Run, faults: Sequence[str]) -> dict[str, Any]:
         "expected_refusals": record.expected_refusals(),
         "turns": {"completed": len(record.turns), "lost": len(missing), "lost_before_faults": before},
         "faults": reports,
+        "server_log": log_digest(run.server.logs()),
+        "server_log_errors": log_errors(run.server.logs()),
         "ok": not missing and all(r["ok"] for r in reports),
     }
 
@@ -535,6 +539,7 @@ def summary_text(report: dict[str, Any]) -> str:
         )
         for fault in run["faults"]:
             lines += _fault_lines(fault)
+        lines.append(f"  server log, warnings and errors: {run['server_log'] or 'none'}")
     for skip in report["skipped"]:
         lines.append(f"skipped {skip['fault']} on {skip['store']}: {skip['reason']}")
     lines.append("PASSED" if report["ok"] else "FAILED")

@@ -27,8 +27,10 @@ import asyncio
 import contextlib
 import os
 import platform
+import re
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -53,6 +55,8 @@ __all__ = [
     "event_loop",
     "idle_samples",
     "leak_check",
+    "log_digest",
+    "log_errors",
     "machine",
     "proc_sample",
     "rss_check",
@@ -416,6 +420,8 @@ async def arun_soak(
         "workers": {"start": _samples_dict(idle_start), "end": _samples_dict(idle_end)},
         "timeline": timeline,
         "store_size": {"start": size_start, "end": size_end},
+        "server_log": log_digest(server.logs()),
+        "server_log_errors": log_errors(server.logs()),
         "turns": {
             "completed": len(record.turns),
             "missing": [m.as_dict() for m in missing[:50]],
@@ -425,6 +431,28 @@ async def arun_soak(
         "ok": all(c.ok for c in checks),
         "seconds": round(time.monotonic() - began, 1),
     }
+
+
+_LOG_LINE = re.compile(r"\[(warning|error|critical)\s*\] (\S+)")
+
+
+def log_digest(text: str) -> dict[str, int]:
+    """A server log's warning and error lines, counted by level and event (the word after the
+    level: chatsse's event name, or the first word of gunicorn's and uvicorn's messages)."""
+    found = Counter(f"{level} {event}" for level, event in _LOG_LINE.findall(text))
+    return dict(found.most_common())
+
+
+def log_errors(text: str, limit: int = 5, context: int = 12) -> list[str]:
+    """The first ``limit`` error lines of a server log, each with the ``context`` lines after it
+    (its traceback)."""
+    lines, found = text.splitlines(), []
+    for index, line in enumerate(lines):
+        if "[error" in line or "[critical" in line:
+            found.append("\n".join(lines[index : index + 1 + context])[:3000])
+            if len(found) >= limit:
+                break
+    return found
 
 
 def machine(load_before: tuple[float, float, float]) -> dict[str, Any]:
