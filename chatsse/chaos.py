@@ -167,7 +167,8 @@ def fill_disk(path: Path) -> int:
 
 @dataclass
 class Probing:
-    """Probes from the fault on, until ``in_a_row`` complete in a row after the repair."""
+    """Probes from the fault on, until ``in_a_row`` complete in a row after the repair began
+    (``repaired_at``: the worker killed, the restart of Redis begun, the filler deleted)."""
 
     began: float
     probes: list[Exchange] = field(default_factory=list)
@@ -192,6 +193,8 @@ class Probing:
             "last_failure_after_s": after(failures[-1].started if failures else None),
             "repaired_after_s": after(self.repaired_at),
             "recovered_after_s": after(self.recovered_at),
+            # Every probe: when it was sent (s after the fault), how long it took, how it ended.
+            "timeline": [[after(p.started), round(p.ended - p.started, 3), p.ending] for p in self.probes],
             "recovered_after_repair_s": (
                 None
                 if self.recovered_at is None or self.repaired_at is None
@@ -308,16 +311,19 @@ async def _redis_restart(run: _Run) -> dict[str, Any]:
         code = await asyncio.to_thread(redis.stop)
         stopped = time.monotonic() - probing.began
         await asyncio.sleep(run.config.redis_down)
-        restarting = time.monotonic()
-        await asyncio.to_thread(redis.start)
+        aof = sum(f.stat().st_size for f in redis.directory.rglob("*") if f.is_file())
         probing.repaired_at = time.monotonic()
         repaired.set()
-        run.log(f"redis_restart: redis-server answers again at {run.at(probing.repaired_at)} s")
+        await asyncio.to_thread(redis.start)  # it answers PING once it has loaded its data
+        answering = time.monotonic()
+        run.log(f"redis_restart: redis-server answers again at {run.at(answering)} s")
         return {
             "redis_exit_code": code,
             "stopped_after_s": round(stopped, 3),
-            "down_s": round(probing.repaired_at - probing.began, 3),
-            "restart_took_s": round(probing.repaired_at - restarting, 3),
+            "restart_began_after_s": round(probing.repaired_at - probing.began, 3),
+            "answering_after_s": round(answering - probing.began, 3),
+            "restart_took_s": round(answering - probing.repaired_at, 3),
+            "data_dir_bytes": aof,
         }
 
     return await _measure(run, REDIS_RESTART, inject)

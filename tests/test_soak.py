@@ -127,7 +127,7 @@ def test_quick_chaos_redis_restart_is_an_outage_then_a_recovery(
     _common(fault)
     recovery = fault["recovery"]
     assert recovery["failed"] > 0  # the probes saw the outage
-    assert recovery["recovered_after_s"] >= fault["down_s"]  # and recovered after Redis came back
+    assert recovery["recovered_after_s"] >= fault["restart_began_after_s"]  # once Redis was back
     assert fault["redis_exit_code"] == 0
     assert fault["failed_during"]  # the traffic saw it too (503 storage_unavailable, storage_error)
 
