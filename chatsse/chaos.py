@@ -17,9 +17,10 @@ For each fault the report gives the streams open when it hit and how each ended 
 closed without a last event, with how the resume a client would try then ended), the requests
 that failed during it, and the time to recover, measured: from the fault, one short ``/chat``
 turn on a fresh connection every ``probe_every`` seconds, until ``probes_in_a_row`` in a row
-complete after the fault's cause is gone (the worker killed, Redis answering again, the dummy
-file deleted). After the traffic stops every completed turn is read back from its conversation;
-turns lost (completed, and not in the store) are counted per fault and must be 0. A fault
+complete that were sent once the repair began (the worker killed, Redis started again, the
+dummy file deleted): recovered when the first of those completed. After the traffic stops
+every completed turn is read back from its conversation; turns lost (completed, and not in
+the store) are counted per fault and must be 0. A fault
 fails when it lost a turn, never recovered within ``recovery_timeout``, or (``disk_full``) the
 writes never failed.
 """
@@ -167,8 +168,9 @@ def fill_disk(path: Path) -> int:
 
 @dataclass
 class Probing:
-    """Probes from the fault on, until ``in_a_row`` complete in a row after the repair began
-    (``repaired_at``: the worker killed, the restart of Redis begun, the filler deleted)."""
+    """Probes from the fault on, until ``in_a_row`` sent after the repair began (``repaired_at``:
+    the worker killed, the restart of Redis begun, the filler deleted) complete in a row;
+    ``recovered_at`` is when the first of them completed (it may have waited for the store)."""
 
     began: float
     probes: list[Exchange] = field(default_factory=list)
@@ -213,7 +215,7 @@ async def _probe(traffic: Traffic, probing: Probing, config: ChaosConfig, repair
         if probe.problem is None and repaired.is_set() and probe.started >= (probing.repaired_at or 0):
             streak.append(probe)
             if len(streak) >= config.probes_in_a_row:
-                probing.recovered_at = streak[0].started
+                probing.recovered_at = streak[0].ended  # a request succeeded again
                 return
         else:
             streak = []
@@ -406,6 +408,9 @@ def _effects(record: TrafficRecord, fault: dict[str, Any], until: float) -> dict
         "requests_during": len(during),
         "failed_after_recovery": record.problems(after),
         "requests_after_recovery": len(after),
+        "failed_after_examples": [
+            {**e.as_dict(), "started_s": round(e.started - at, 3)} for e in after if e.problem is not None
+        ][:10],
     }
 
 
