@@ -113,7 +113,7 @@ class ChaosConfig:
 
 
 QUICK = ChaosConfig(concurrency=10, before=2.5, between=1.5, redis_down=2.0, disk_hold=2.0, tmpfs_mib=256)
-"""Every fault, briefly: tests and CI (about 50 s)."""
+"""Every fault, briefly: tests and CI (about a minute)."""
 
 
 # --- the tmpfs of the disk_full fault ---

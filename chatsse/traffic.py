@@ -454,7 +454,7 @@ class Traffic:
                         reading.take(event)
                     exchange.ending, exchange.detail = reading.ending(), reading.detail
                     self._chat_turn_done(reading, record)
-        except BaseException as exc:
+        except (Exception, asyncio.CancelledError) as exc:
             exchange.ending = self._failure(exc, exchange)
             exchange.detail = f"{type(exc).__name__}: {exc}"[:300]
             if isinstance(exc, asyncio.CancelledError):

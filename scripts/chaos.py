@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--quick", action="store_true", help="every fault, briefly (about 50 s): tests and CI"
+        "--quick", action="store_true", help="every fault, briefly (about a minute): tests and CI"
     )
     parser.add_argument("--faults", default=",".join(FAULTS), help="comma-separated subset of the faults")
     parser.add_argument("--stores", default="sqlite,redis", help="comma-separated: sqlite, redis")
