@@ -18,6 +18,8 @@ NOTEBOOKS := $(wildcard notebooks/*.ipynb)
 URL ?= http://127.0.0.1:8000
 LOAD_ARGS ?= --requests 200 --concurrency 20
 FUZZ_EXAMPLES ?= 500
+SOAK_ARGS ?=
+CHAOS_ARGS ?=
 
 # How llama-cpp-python's llama.cpp is compiled, once (uv caches the wheel by the sdist, so a
 # change here needs `.tools/bin/uv cache clean llama-cpp-python` to take effect). Portable: no
@@ -28,7 +30,7 @@ FUZZ_EXAMPLES ?= 500
 LLAMA_LEAN := $(CURDIR)/$(TOOLS)/llama-cpp-lean.cmake
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DCMAKE_PROJECT_llama.cpp_INCLUDE=$(LLAMA_LEAN)
 
-.PHONY: help install install-model run run-dev run-model test test-model fuzz lint format type-check check-all bench bench-asgi load-test lab notebooks-html lock clean
+.PHONY: help install install-model run run-dev run-model test test-model fuzz lint format type-check check-all bench bench-asgi load-test soak chaos lab notebooks-html lock clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -102,6 +104,12 @@ bench-asgi: $(STAMP) ## per-event CPU of the response machinery alone, in-proces
 
 load-test: $(STAMP) ## a short load test against a chatsse server it starts (or URL=... LOAD_ARGS=...)
 	$(BIN)/python scripts/run_load_test.py $(if $(filter command line environment,$(origin URL)),$(URL),--serve) $(LOAD_ARGS)
+
+soak: $(STAMP) ## 10 minutes of mixed traffic on a 4-worker gunicorn: fails on leaks, RSS growth, errors, lost turns (SOAK_ARGS="--quick", "--store redis")
+	$(BIN)/python scripts/soak.py --output build/soak.json $(SOAK_ARGS)
+
+chaos: $(STAMP) ## the same traffic under faults: kill -9 of a worker, Redis restarted, the SQLite disk full; recovery and turns lost (CHAOS_ARGS="--quick")
+	$(BIN)/python scripts/chaos.py --output build/chaos.json $(CHAOS_ARGS)
 
 lab: $(STAMP) $(KERNEL) ## open the workbook in JupyterLab (kernel "chatsse (.venv)")
 	$(BIN)/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root)

@@ -55,6 +55,7 @@ log = get_logger("chatsse.app")
 _BODY_OVERHEAD = 4096
 _HTTP_ERROR_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 _FOLLOW_POLL = 0.05  # seconds between two looks of a resuming reader at a shared log's live tail
+_WORKER_SAMPLE_INTERVAL = 1.0  # seconds between two samples of this process's asyncio tasks
 
 
 class ChatsseApp(FastAPI):
@@ -136,9 +137,11 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        sampler = asyncio.get_running_loop().create_task(metrics.sample_worker(_WORKER_SAMPLE_INTERVAL))
         try:
             yield
         finally:
+            sampler.cancel()
             await lifecycle.aclose()  # bounded by the drain's own deadlines
             await recorder.aclose(within=deadlines.store)  # the streams' last items, before the store closes
             await signals.close()

@@ -7,6 +7,7 @@ all workers (prometheus-client's multiprocess mode; the collector is built once 
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any
 
@@ -76,6 +77,13 @@ class Metrics:
             f"{PREFIX}_conversations", "Conversations held by the store.",
             registry=r, multiprocess_mode="mostrecent",
         )  # fmt: skip
+        # One sample per live worker (its pid a label), so one scrape shows every worker's
+        # count: how a soak run tells a task leak from a busy moment (chatsse/soak.py).
+        self.worker_tasks = Gauge(
+            f"{PREFIX}_worker_asyncio_tasks",
+            "asyncio tasks alive in one worker process, sampled every second.",
+            registry=r, multiprocess_mode="liveall",
+        )  # fmt: skip
 
         self._outcomes: dict[str, Any] = {}  # label lookups take a lock: once per label value
         self._rejections: dict[str, Any] = {}
@@ -107,6 +115,13 @@ class Metrics:
         if counter is None:
             counter = self._rejections[error_type] = self.rejections.labels(error_type)
         counter.inc()
+
+    async def sample_worker(self, every: float) -> None:
+        """Set this process's ``worker_tasks`` every ``every`` seconds, until cancelled (the
+        app's lifespan runs it: at any moment, busy or idle, the gauge is at most that old)."""
+        while True:
+            self.worker_tasks.set(len(asyncio.all_tasks()))
+            await asyncio.sleep(every)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of the whole server (all workers)."""

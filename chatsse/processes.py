@@ -36,6 +36,7 @@ __all__ = [
     "SMOLLM2_GGUF",
     "GunicornServer",
     "LlamaCppServer",
+    "RedisServer",
     "ServerProcess",
     "ServerProcessError",
     "UvicornServer",
@@ -120,7 +121,8 @@ class ServerProcess:
         return env
 
     def start(self) -> Self:
-        if self.process is not None:
+        """Start the child (again, after it exited: on the same port) and wait until ready."""
+        if self.process is not None and self.process.poll() is None:
             raise ServerProcessError("already started")
         if self.port is None:
             self.port = free_port(self.host)
@@ -370,6 +372,51 @@ class LlamaCppServer(ServerProcess):
     def is_ready(self) -> bool:
         """``/v1/models`` answers 200 (it waits for the model lock, so not during a generation)."""
         return httpx.get(f"{self.base_url}/models", headers=self.headers(), timeout=1).status_code == 200
+
+
+class RedisServer(ServerProcess):
+    """``redis-server`` on a free loopback port, its data in ``directory``:
+    ``with RedisServer(tmp) as redis: redis.store_url`` (``CHATSSE_STORE``).
+
+    ``persistent``: an append-only file, written every second and at a clean stop (SIGTERM),
+    so a server started again on the same port and directory (``stop()``, then ``start()``)
+    has every write acknowledged before the stop. Otherwise nothing is written to disk."""
+
+    kind = "redis"
+
+    def __init__(
+        self, directory: str | Path, *, persistent: bool = True, binary: str = "redis-server", **options: Any
+    ) -> None:
+        super().__init__(**options)
+        self.directory = Path(directory)
+        self.persistent = persistent
+        self.binary = binary
+
+    @property
+    def store_url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    def command(self) -> list[str]:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        durability = (
+            ["--appendonly", "yes", "--appendfsync", "everysec"]
+            if self.persistent
+            else ["--appendonly", "no"]
+        )
+        return [self.binary, "--port", str(self.port), "--bind", self.host, "--dir", str(self.directory),
+                "--save", "", *durability]  # fmt: skip
+
+    def environment(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    def is_ready(self) -> bool:
+        """It answers ``PING`` (and has loaded its data: it answers ``-LOADING`` until then)."""
+        try:
+            with socket.create_connection((self.host, self.port or 0), timeout=1) as connection:
+                connection.sendall(b"PING\r\n")
+                return connection.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
 
 
 @atexit.register

@@ -17,7 +17,8 @@ front renders the log's items as its own events (a :class:`ReplayRenderer`).
 The events are the ones the first stream sent: the opening and the last event as they were,
 each token's event encoded again from its text. A reply that sent no last event of its own
 (its client went away) ends with an error of type ``interrupted``; a log that stops growing,
-its worker silent for longer than three heartbeats, ends with ``stream_lost``. Before the
+its worker silent for longer than three heartbeats, ends with ``stream_lost``; a store that
+fails under the reader holds the stream up as long, then ends it with ``storage_error``. Before the
 stream: 404 ``replay_not_found`` (no such reply in that conversation, or an id of another
 reply), 410 ``replay_expired`` (the reply is stored but its log is gone).
 
@@ -67,6 +68,7 @@ _STALE_HEARTBEATS = 3.0  # a log silent this many writer heartbeats: its writer 
 _STOP_POLL = 0.01  # seconds between two looks at a stopping reply's log
 _STOP_RESEND = 0.25  # seconds before a stop not yet acted on is sent again
 _STOP_WAIT = 5.0  # seconds a stop waits for the reply to end before it answers 202
+_STORAGE_ERROR = ENDINGS["storage_error"].error_type or "storage_error"
 
 
 class ReplayRenderer(Protocol):
@@ -168,7 +170,26 @@ class ResumeStream:
                         self.after + 1,
                     )
                 await self.log.wait(self.reply_id, replay.length, within=self._wait)
-            replay = await self.log.read(self.reply_id, self.after, limit=_READ_LIMIT)
+            try:
+                replay = await self._read()
+            except StorageUnavailable as exc:
+                message = f"the store failed while this reply's stream was read: {exc.message}"
+                return renderer.error(_STORAGE_ERROR, message, self.after + 1)
+
+    async def _read(self) -> Replay | None:
+        """The log after the last event sent. A store that fails is asked again, every wait,
+        until it has failed for as long as a silent log is given (``StorageUnavailable`` then):
+        a short outage (Redis restarting) holds the stream up rather than ending it."""
+        failing_since: float | None = None
+        while True:
+            try:
+                return await self.log.read(self.reply_id, self.after, limit=_READ_LIMIT)
+            except StorageUnavailable:
+                now = time.monotonic()
+                failing_since = now if failing_since is None else failing_since
+                if now - failing_since > self.stale_after:
+                    raise
+            await asyncio.sleep(self._wait)
 
     async def stopped(self, reason: Outcome) -> bytes | None:
         ending = ENDINGS[reason]

@@ -81,3 +81,9 @@ def test_the_all_workers_collector_is_built_once_per_app(
         metrics.render()
         assert metrics.summary()["requests"] == 0
     assert built == [str(tmp_path)]
+
+
+def test_each_worker_samples_its_asyncio_tasks(client: httpx.Client) -> None:
+    """The app's lifespan sets the gauge at start-up and every second after (under gunicorn,
+    one sample per live worker, labelled with its pid: tests/test_soak.py reads them)."""
+    assert metric_value(client.get("/metrics").text, "chatsse_worker_asyncio_tasks") >= 1

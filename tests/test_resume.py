@@ -21,6 +21,7 @@ from httpx_sse import ServerSentEvent, connect_sse
 from redis_server import RedisServer, redis_server
 from support import chat, wait_for
 
+from chatsse import protocol
 from chatsse.processes import GunicornServer
 
 SLOW = {"sim_ttft_ms": 0, "sim_token_interval_ms": 20, "sim_reply_tokens_min": 60, "sim_reply_tokens_max": 60}
@@ -412,3 +413,102 @@ def test_a_stop_sent_to_another_server_ends_the_reply_for_every_reader(
                 assert json.loads(stream[-1].data)["finish_reason"] == "stopped"
                 assert deltas(stream) == stored["content"]
     print(f"{kind}: stop answered and both readers ended within {max(latencies) * 1000:.0f} ms (max of 8)")
+
+
+def test_a_responses_resume_after_its_producer_is_killed_fails_after_the_clients_last_event(
+    tmp_path: Path,
+) -> None:
+    """The producer's log lags its client by up to a flush interval; when the producer dies, the
+    resumed stream's ``response.failed`` must still follow the client's last sequence number
+    (found by the chaos run: it repeated an earlier one)."""
+    env = {**ENV, "CHATSSE_SIM_TOKEN_INTERVAL_MS": "50", "CHATSSE_SIM_REPLY_TOKENS_MIN": "400",
+           "CHATSSE_SIM_REPLY_TOKENS_MAX": "400"}  # fmt: skip
+    body = {"model": "simulated", "input": "a long one", "stream": True}
+    with GunicornServer(workers=2, store=f"sqlite:///{tmp_path / 'c.db'}", env=env) as server:
+        seen: list[dict[str, Any]] = []
+
+        def stream() -> None:
+            try:
+                with (
+                    _fresh(server.url) as client,
+                    connect_sse(client, "POST", "/v1/responses", json=body) as s,
+                ):
+                    seen.extend(json.loads(event.data) for event in s.iter_sse())
+            except httpx.HTTPError:
+                pass  # its worker is killed under it
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert wait_for(lambda: len(seen) > 5, 10)
+        with _fresh(server.url) as client:
+            producer = None
+            deadline = time.monotonic() + 10
+            while producer is None and time.monotonic() < deadline:
+                worker = client.get("/health").json()["this_worker"]
+                if worker["open_streams"] == 1:
+                    producer = worker["pid"]
+            assert producer is not None
+            time.sleep(1.2)  # between two flushes of the log (every 0.5 s)
+            os.kill(producer, signal.SIGKILL)
+            reader.join(10)
+            last = seen[-1]["sequence_number"]
+            params = {"stream": "true", "starting_after": str(last)}
+            rest: list[ServerSentEvent] = []
+            for _ in range(20):  # until the surviving worker answers
+                try:
+                    url = f"/v1/responses/{seen[0]['response']['id']}"
+                    with connect_sse(client, "GET", url, params=params) as source:
+                        rest = list(source.iter_sse())
+                    break
+                except httpx.HTTPError:
+                    time.sleep(0.2)
+    assert rest, "the resume never answered"
+    numbers = [json.loads(event.data)["sequence_number"] for event in rest]
+    assert numbers == list(range(last + 1, last + 1 + len(numbers)))
+    failed = json.loads(rest[-1].data)
+    assert failed["type"] == "response.failed"
+    assert failed["response"]["error"]["code"] == "stream_lost"
+
+
+@pytest.mark.parametrize("outage", [1.0, None], ids=["short", "long"])
+def test_a_store_that_fails_under_a_resumed_stream_holds_it_up_then_ends_it_with_storage_error(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch, outage: float | None
+) -> None:
+    """Found by the chaos run (Redis restarted under traffic): a read of the log that failed
+    mid-stream escaped the response, and the resumed stream's connection closed with no last
+    event. A short outage is now ridden out; a long one ends with ``storage_error``."""
+    from chatsse.errors import StorageUnavailable
+    from chatsse.replay.memory import MemoryReplayLog
+
+    server = serve(**SLOW)  # 60 tokens, 20 ms apart
+    real = MemoryReplayLog.read
+    failing: dict[str, float] = {}
+
+    async def read(self: MemoryReplayLog, reply_id: str, after: int = -1, *, limit: int = 1000) -> Any:
+        began = failing.get("since")
+        if began is not None and (outage is None or time.monotonic() - began < outage):
+            raise StorageUnavailable("the store is down (test)")
+        return await real(self, reply_id, after, limit=limit)
+
+    monkeypatch.setattr(MemoryReplayLog, "read", read)
+    thread, events, started = stream_in_thread(server.url, "resume me through an outage")
+    assert started.wait(10)
+    connected = json.loads(events[0].data)
+    followed: list[ServerSentEvent] = []
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        headers = {"Last-Event-ID": events[0].id}
+        with connect_sse(client, "GET", connected["resume_url"], headers=headers) as source:
+            for event in source.iter_sse():
+                followed.append(event)
+                if len(followed) == 3:
+                    failing["since"] = time.monotonic()
+    thread.join(10)
+    last = followed[-1]
+    if outage is not None:
+        assert last.event == "completed"
+        assert deltas(events[:1] + followed) == json.loads(last.data)["content"]
+    else:
+        assert last.event == "error"
+        assert json.loads(last.data)["type"] == "storage_error"
+        ids = [protocol.parse_event_id(e.id)[1] for e in followed]
+        assert ids == list(range(1, len(ids) + 1))  # the error follows the last event sent

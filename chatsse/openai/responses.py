@@ -244,7 +244,9 @@ class ResponseReplay:
         return self.events.delta(item)
 
     def error(self, error_type: str, message: str, position: int) -> bytes:
-        self.events.seq = position + OPENING_EVENTS - 1
+        # After the client's last event, even when the log ends before it: a producer that died
+        # (``stream_lost``) may not have written the last events its client saw.
+        self.events.seq = max(position + OPENING_EVENTS - 1, self.starting_after + 1)
         return self.events.error(error_type, message)
 
 
