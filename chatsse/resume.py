@@ -66,6 +66,8 @@ log = get_logger("chatsse.resume")
 _READ_LIMIT = 500  # items per read of the log
 _STALE_HEARTBEATS = 3.0  # a log silent this many writer heartbeats: its writer is gone
 _STOP_POLL = 0.01  # seconds between two looks at a stopping reply's log
+_LATE_LOG = 5.0  # seconds after a reply is stored that its log may still be on its way
+_LATE_POLL = 0.1
 _STOP_RESEND = 0.25  # seconds before a stop not yet acted on is sent again
 _STOP_WAIT = 5.0  # seconds a stop waits for the reply to end before it answers 202
 _STORAGE_ERROR = ENDINGS["storage_error"].error_type or "storage_error"
@@ -220,6 +222,8 @@ async def find_replay(
     if first is None:  # a stream that began an instant ago may not be written yet
         await asyncio.sleep(2 * settings.replay_flush_interval)
         first = await replay_log.read(message_id, after, limit=_READ_LIMIT)
+    if first is None:
+        first = await _late_log(state, conversation_id, message_id, after, owner)
     if first is None or first.meta.conversation_id != conversation_id or first.meta.front != front:
         if first is None and await _stored(state, conversation_id, message_id, owner) is not None:
             raise ReplayExpired(
@@ -228,6 +232,25 @@ async def find_replay(
             )
         raise ReplayNotFound(f"no reply stream {message_id} in conversation {conversation_id}")
     return first
+
+
+async def _late_log(
+    state: AppState, conversation_id: str, message_id: str, after: int, owner: str
+) -> Replay | None:
+    """The log of a reply stored an instant ago, whose log's first write is still on its way
+    (a busy store): looked for until ``_LATE_LOG`` seconds after the reply was stored. None if
+    the reply is not stored, or stored longer ago (its log has expired)."""
+    stored = await _stored(state, conversation_id, message_id, owner)
+    if stored is None:
+        return None
+    # A log lives CHATSSE_REPLAY_TTL after its last write, which came after the reply was
+    # stored: until then, a missing log is late, not gone.
+    while time.time() - stored.created_at < min(_LATE_LOG, state.settings.replay_ttl):
+        await asyncio.sleep(_LATE_POLL)
+        found = await state.replay.read(message_id, after, limit=_READ_LIMIT)
+        if found is not None:
+            return found
+    return None
 
 
 def resume_response(state: AppState, reply_id: str, renderer: ReplayRenderer, first: Replay) -> Response:

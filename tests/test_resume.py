@@ -4,6 +4,7 @@ and on Redis, with a producer killed by SIGKILL."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -236,6 +237,29 @@ def test_unknown_foreign_and_expired_streams_are_404_and_410(serve: Serve) -> No
         assert expired.status_code == 410
         assert expired.json()["error"]["type"] == "replay_expired"
         assert client.get("/health").status_code == 200
+
+
+def test_a_reply_stored_before_its_log_is_written_is_resumed_not_called_expired(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A busy store can delay a log's first write past the end of a short reply: the resume
+    waits for the log (regression: it answered 410 replay_expired)."""
+    from chatsse.replay.memory import MemoryReplayLog
+
+    append = MemoryReplayLog.append_many
+
+    async def late(self: MemoryReplayLog, writes: Any) -> Any:
+        if any(write.start == 0 for write in writes):
+            await asyncio.sleep(1.5)
+        return await append(self, writes)
+
+    monkeypatch.setattr(MemoryReplayLog, "append_many", late)
+    server = serve(sim_reply_tokens_min=5, sim_reply_tokens_max=5)
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        first = chat(client, "quick")
+        assert first.named("completed")  # stored, its log not written yet
+        events = resume(client, first.data("connected")["resume_url"])
+    assert triples(events) == triples(first.events)
 
 
 # --- across the workers of a real gunicorn ---
