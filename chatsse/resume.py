@@ -237,15 +237,24 @@ async def find_replay(
 async def _late_log(
     state: AppState, conversation_id: str, message_id: str, after: int, owner: str
 ) -> Replay | None:
-    """The log of a reply stored an instant ago, whose log's first write is still on its way
-    (a busy store): looked for until ``_LATE_LOG`` seconds after the reply was stored. None if
-    the reply is not stored, or stored longer ago (its log has expired)."""
-    stored = await _stored(state, conversation_id, message_id, owner)
-    if stored is None:
+    """The log of a reply whose log's first write is still on its way (a busy store): of a
+    reply stored an instant ago, looked for until ``_LATE_LOG`` seconds after it was stored;
+    of a turn still in progress (its user message is the conversation's last), for
+    ``_LATE_LOG`` seconds from now. None otherwise: no such reply, or its log has expired."""
+    try:
+        messages = await state.manager.messages(conversation_id, owner=owner)
+    except ConversationNotFound:
         return None
-    # A log lives CHATSSE_REPLAY_TTL after its last write, which came after the reply was
-    # stored: until then, a missing log is late, not gone.
-    while time.time() - stored.created_at < min(_LATE_LOG, state.settings.replay_ttl):
+    stored = next((m for m in messages if m.id == message_id), None)
+    if stored is not None:
+        # A log lives CHATSSE_REPLAY_TTL after its last write, which came after the reply was
+        # stored: until then, a missing log is late, not gone.
+        until = stored.created_at + min(_LATE_LOG, state.settings.replay_ttl)
+    elif messages and messages[-1].role == "user":  # a turn in progress: maybe this one
+        until = time.time() + _LATE_LOG
+    else:
+        return None
+    while time.time() < until:
         await asyncio.sleep(_LATE_POLL)
         found = await state.replay.read(message_id, after, limit=_READ_LIMIT)
         if found is not None:

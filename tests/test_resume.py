@@ -262,6 +262,33 @@ def test_a_reply_stored_before_its_log_is_written_is_resumed_not_called_expired(
     assert triples(events) == triples(first.events)
 
 
+def test_a_streaming_reply_whose_log_is_late_is_resumed_not_called_unknown(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same delay while the reply still streams: the resume waits for the log
+    (regression: 404 replay_not_found, seen in a soak run)."""
+    from chatsse.replay.memory import MemoryReplayLog
+
+    append = MemoryReplayLog.append_many
+
+    async def late(self: MemoryReplayLog, writes: Any) -> Any:
+        if any(write.start == 0 for write in writes):
+            await asyncio.sleep(1.5)
+        return await append(self, writes)
+
+    monkeypatch.setattr(MemoryReplayLog, "append_many", late)
+    server = serve(**SLOW)  # 60 tokens, 20 ms apart: still streaming when the resume comes
+    with (
+        httpx.Client(base_url=server.url, timeout=10) as client,
+        connect_sse(client, "POST", "/chat", json={"message": "slow"}) as source,
+    ):
+        events = source.iter_sse()
+        connected = next(events)
+        resumed = resume(client, connected.json()["resume_url"])
+        rest = [connected, *events]
+    assert triples(resumed) == triples(rest)
+
+
 # --- across the workers of a real gunicorn ---
 
 ENV = {
