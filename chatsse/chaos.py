@@ -273,10 +273,27 @@ async def _measure(
     }
 
 
+async def _busiest(run: _Run, pids: Sequence[int]) -> int:
+    """The worker with the most asyncio tasks (a stream holds some: an idle worker holds only
+    its fixed few), waiting up to 5 s for one that holds more than the idlest; descriptors
+    break ties. Killing a worker that happens to serve no stream would test nothing."""
+    deadline = time.monotonic() + 5.0
+    tasks: dict[int, int] = {}
+    async with aiohttp.ClientSession() as http:
+        while True:
+            with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError, ValueError):
+                tasks = await worker_tasks(http, run.server.url)
+            counts = [tasks.get(pid, 0) for pid in pids]
+            if max(counts) > min(counts) or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.2)
+    return max(pids, key=lambda pid: (tasks.get(pid, 0), proc_sample(pid)[1]))
+
+
 async def _kill_worker(run: _Run) -> dict[str, Any]:
     async def inject(probing: Probing, repaired: asyncio.Event) -> dict[str, Any]:
         pids = run.server.worker_pids()
-        victim = max(pids, key=lambda pid: proc_sample(pid)[1])  # the most descriptors: connections
+        victim = await _busiest(run, pids)
         os.kill(victim, signal.SIGKILL)
         probing.began = time.monotonic()
         probing.repaired_at = probing.began  # nothing to repair: the other workers serve on
