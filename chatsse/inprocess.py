@@ -17,6 +17,7 @@ from typing import Any
 import uvicorn
 from starlette.types import ASGIApp
 
+from chatsse import registry
 from chatsse.errors import ChatsseError
 from chatsse.lifecycle import lifecycle_of
 from chatsse.serving import ChatsseServer
@@ -40,10 +41,13 @@ class InProcessServer:
         host: str = "127.0.0.1",
         port: int = 0,
         graceful_timeout: float | None = None,
+        name: str | None = None,
         **config: Any,
     ) -> None:
         """``graceful_timeout``: how long ``stop()`` lets open connections finish; for a chatsse
-        app, what its deadlines allow (chatsse/deadlines.py), else 2 s."""
+        app, what its deadlines allow (chatsse/deadlines.py), else 2 s. ``name``: starting this
+        server first stops a running one of that name (a notebook cell run again)."""
+        self.name = name
         self.app = app
         self.host = host
         self.requested_port = port
@@ -68,6 +72,7 @@ class InProcessServer:
     def start(self, timeout: float = STARTUP_TIMEOUT) -> InProcessServer:
         if self._thread is not None:
             raise RuntimeError("server already started")
+        registry.register(self, self.name)
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -75,6 +80,7 @@ class InProcessServer:
             sock.bind((self.host, self.requested_port))
         except OSError as exc:
             sock.close()
+            registry.unregister(self)
             raise ServerStartError(f"cannot bind {self.host}:{self.requested_port}: {exc}") from exc
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(
@@ -94,6 +100,7 @@ class InProcessServer:
         while not server.started:
             if self._error is not None or not self._thread.is_alive():
                 self._thread.join(1)
+                registry.unregister(self)
                 raise ServerStartError(f"server on port {self.port} failed to start: {self._error!r}")
             if waited >= timeout:
                 self.stop()
@@ -123,6 +130,7 @@ class InProcessServer:
     def stop(self, timeout: float | None = None) -> None:
         """Stop accepting, drain the app's streams (each ends with its last event), stop."""
         server, thread = self._server, self._thread
+        registry.unregister(self)
         if server is None or thread is None:
             return
         server.should_exit = True

@@ -9,7 +9,6 @@ context manager, or at interpreter exit.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import importlib.util
 import os
@@ -19,13 +18,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import weakref
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 import httpx
 
+from chatsse import registry
 from chatsse.errors import ChatsseError
 from chatsse.settings import ENV_PREFIX
 
@@ -47,7 +46,6 @@ __all__ = [
 
 GUNICORN_CONF = "python:chatsse.gunicorn_conf"
 """gunicorn's ``-c`` for chatsse: the package's configuration module, from a checkout or a wheel."""
-_running: weakref.WeakSet[ServerProcess] = weakref.WeakSet()
 
 
 class ServerProcessError(ChatsseError, RuntimeError):
@@ -86,7 +84,11 @@ class ServerProcess:
         port: int | None = None,
         cwd: Path | None = None,
         startup_timeout: float = 30.0,
+        name: str | None = None,
     ) -> None:
+        """``name``: starting this server first stops a running one of that name, so a
+        notebook cell that starts a server can be run again (chatsse/registry.py)."""
+        self.name = name
         self.workers = workers
         self.store = store
         self.extra_env = env or {}
@@ -126,17 +128,17 @@ class ServerProcess:
             raise ServerProcessError("already started")
         if self.port is None:
             self.port = free_port(self.host)
-        self.process = subprocess.Popen(
-            self.command(),
-            cwd=self.cwd,
-            env=self.environment(),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        _running.add(self)
+        registry.register(self, self.name)
         try:
+            self.process = subprocess.Popen(
+                self.command(),
+                cwd=self.cwd,
+                env=self.environment(),
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
             self.wait_healthy(self.startup_timeout)
         except BaseException:
             self.stop(timeout=5)
@@ -179,6 +181,7 @@ class ServerProcess:
         """Signal the master (SIGTERM: graceful), wait, and kill it if it overstays."""
         process = self.process
         if process is None:
+            registry.unregister(self)
             return None
         if process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -189,7 +192,7 @@ class ServerProcess:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
                 process.wait(10)
-        _running.discard(self)
+        registry.unregister(self)
         return process.returncode
 
     def close(self) -> None:
@@ -417,9 +420,3 @@ class RedisServer(ServerProcess):
                 return connection.recv(64).startswith(b"+PONG")
         except OSError:
             return False
-
-
-@atexit.register
-def _stop_all() -> None:
-    for server in list(_running):
-        server.stop(timeout=10)
