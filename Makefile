@@ -80,10 +80,11 @@ fuzz: $(STAMP) ## fuzz every route with schemathesis against a running server (F
 test-model: $(MODEL_STAMP) ## the tests against a real model: llama.cpp's server alone and behind chatsse
 	$(BIN)/pytest tests/test_real_model.py -m model $(PYTEST_ARGS)
 
-lint: $(STAMP) ## ruff lint and format check; notebooks committed without outputs
+lint: $(STAMP) ## ruff lint and format check; notebooks committed without outputs; no conflict markers
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/nbstripout --verify $(NOTEBOOKS)
+	@! git grep -nE '^(<<<<<<<|>>>>>>>) ' -- . ':!uv.lock' || { echo "merge conflict markers left (above)"; exit 1; }
 
 format: $(STAMP) ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix .
