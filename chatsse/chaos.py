@@ -3,8 +3,8 @@
 
 The faults, and the store each runs on:
 
-- ``kill_worker`` (SQLite, Redis): ``kill -9`` of the worker holding the most descriptors (the
-  most connections) mid-traffic; gunicorn starts a replacement.
+- ``kill_worker`` (SQLite, Redis): ``kill -9`` of the worker serving the most client
+  connections mid-traffic; gunicorn starts a replacement.
 - ``redis_restart`` (Redis): ``redis-server`` stopped (SIGTERM: it writes its append-only file
   and exits), left down for ``redis_down`` seconds, started again on the same port and data
   directory.
@@ -54,7 +54,6 @@ from chatsse.soak import (
     log_digest,
     log_errors,
     machine,
-    proc_sample,
     served,
     sqlite_bytes,
     wait_idle,
@@ -273,21 +272,44 @@ async def _measure(
     }
 
 
+def client_connections(pids: Sequence[int], port: int) -> dict[int, int]:
+    """Each process's established TCP connections whose local port is ``port``: the clients it
+    is serving now (Linux ``/proc``: its socket descriptors, matched by inode to
+    ``/proc/net/tcp`` and ``tcp6``)."""
+    established: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                local_port = int(fields[1].rpartition(":")[2], 16)
+                if local_port == port and fields[3] == "01":  # TCP_ESTABLISHED
+                    established.add(fields[9])
+    counts: dict[int, int] = {}
+    for pid in pids:
+        inodes = set()
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if target.startswith("socket:["):
+                        inodes.add(target[8:-1])
+        counts[pid] = len(inodes & established)
+    return counts
+
+
 async def _busiest(run: _Run, pids: Sequence[int]) -> int:
-    """The worker with the most asyncio tasks (a stream holds some: an idle worker holds only
-    its fixed few), waiting up to 5 s for one that holds more than the idlest; descriptors
-    break ties. Killing a worker that happens to serve no stream would test nothing."""
+    """The worker serving the most client connections now, read from ``/proc`` at the moment of
+    the kill (a scrape of ``/metrics`` would be tens of milliseconds old, longer than a short
+    stream). The traffic's users send their next request as soon as a reply ends, so a worker
+    with client connections is serving their streams. Waits up to 5 s for a worker with two or
+    more: killing a worker that serves no stream would test nothing."""
+    port = int(run.server.url.rpartition(":")[2])
     deadline = time.monotonic() + 5.0
-    tasks: dict[int, int] = {}
-    async with aiohttp.ClientSession() as http:
-        while True:
-            with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError, ValueError):
-                tasks = await worker_tasks(http, run.server.url)
-            counts = [tasks.get(pid, 0) for pid in pids]
-            if max(counts) > min(counts) or time.monotonic() >= deadline:
-                break
-            await asyncio.sleep(0.2)
-    return max(pids, key=lambda pid: (tasks.get(pid, 0), proc_sample(pid)[1]))
+    while True:
+        counts = client_connections(pids, port)
+        if max(counts.values(), default=0) >= 2 or time.monotonic() >= deadline:
+            return max(pids, key=lambda pid: counts.get(pid, 0))
+        await asyncio.sleep(0.01)
 
 
 async def _kill_worker(run: _Run) -> dict[str, Any]:
