@@ -12,6 +12,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -319,42 +320,49 @@ def _fresh(url: str) -> httpx.Client:
     return httpx.Client(base_url=url, timeout=20, limits=httpx.Limits(max_keepalive_connections=0))
 
 
+def _drop_and_resume(url: str, reply: int, cut: int) -> str | None:
+    """One reply read up to event ``cut``, dropped, and resumed on a fresh connection: what is
+    wrong with it, or None."""
+    with _fresh(url) as client:
+        events = []
+        with connect_sse(client, "POST", "/chat", json={"message": f"reply {reply}"}) as source:
+            for event in source.iter_sse():
+                events.append(event)
+                if len(events) == cut + 1:
+                    break
+        connected = json.loads(events[0].data)
+        conversation = f"/conversations/{connected['conversation_id']}"
+        if not wait_for(lambda: len(client.get(conversation).json()["messages"]) == 2, 10):
+            return f"reply {reply}: never stored"
+        rest: list[ServerSentEvent] = []
+        deadline = time.monotonic() + 10
+        while not rest or rest[-1].event not in ("completed", "error"):  # the log's last write may lag
+            rest = resume(client, connected["resume_url"], events[-1].id)
+            if time.monotonic() > deadline:
+                break
+        stored = client.get(conversation).json()["messages"][1]
+        if deltas(events) + deltas(rest) != stored["content"]:
+            return f"reply {reply}, cut at {cut}: the parts differ from the stored reply"
+        ending = json.loads(rest[-1].data) if rest else {}
+        if stored["finish_reason"] == "interrupted" and ending.get("type") != "interrupted":
+            return f"reply {reply}: ended with {ending}"
+    return None
+
+
 @pytest.mark.parametrize("kind", ["sqlite", "redis"])
 def test_resumes_on_any_worker_at_random_points_give_the_stored_reply(
     kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     rng = random.Random(7)
-    problems = []
-    with (
-        GunicornServer(workers=4, store=_store(kind, tmp_path, request), env=ENV) as server,
-        _fresh(server.url) as client,
-    ):
-        for reply in range(100):
-            cut = rng.randrange(1, 40)
-            events = []
-            with connect_sse(client, "POST", "/chat", json={"message": f"reply {reply}"}) as source:
-                for event in source.iter_sse():
-                    events.append(event)
-                    if len(events) == cut + 1:
-                        break
-            connected = json.loads(events[0].data)
-            conversation = f"/conversations/{connected['conversation_id']}"
-            if not wait_for(lambda url=conversation: len(client.get(url).json()["messages"]) == 2, 10):
-                problems.append(f"reply {reply}: never stored")
-                continue
-            rest: list[ServerSentEvent] = []
-            deadline = time.monotonic() + 10
-            while not rest or rest[-1].event not in ("completed", "error"):  # the log's last write may lag
-                rest = resume(client, connected["resume_url"], events[-1].id)
-                if time.monotonic() > deadline:
-                    break
-            stored = client.get(conversation).json()["messages"][1]
-            if deltas(events) + deltas(rest) != stored["content"]:
-                problems.append(f"reply {reply}, cut at {cut}: the parts differ from the stored reply")
-            ending = json.loads(rest[-1].data) if rest else {}
-            if stored["finish_reason"] == "interrupted" and ending.get("type") != "interrupted":
-                problems.append(f"reply {reply}: ended with {ending}")
-        pids = {client.get("/health").json()["this_worker"]["pid"] for _ in range(40)}
+    cuts = [rng.randrange(1, 40) for _ in range(100)]
+    with GunicornServer(workers=4, store=_store(kind, tmp_path, request), env=ENV) as server:
+        # Eight clients at a time, each reply on fresh connections: any worker may produce it,
+        # any other resume it.
+        with ThreadPoolExecutor(8) as pool:
+            found = pool.map(lambda args: _drop_and_resume(server.url, *args), enumerate(cuts))
+            problems = [problem for problem in found if problem is not None]
+        with _fresh(server.url) as client:
+            pids = {client.get("/health").json()["this_worker"]["pid"] for _ in range(40)}
         assert len(pids) >= 2  # fresh connections reached several workers
         failures = [line for line in server.logs().splitlines() if "replay_" in line]
     assert problems == [], failures
