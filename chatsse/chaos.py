@@ -3,8 +3,9 @@
 
 The faults, and the store each runs on:
 
-- ``kill_worker`` (SQLite, Redis): ``kill -9`` of the worker serving the most client
-  connections mid-traffic; gunicorn starts a replacement.
+- ``kill_worker`` (SQLite, Redis): ``kill -9`` of a worker serving streams of the traffic
+  (found by their connections; stopped with SIGSTOP 0.2 s before, so that they are still open
+  when it dies); gunicorn starts a replacement.
 - ``redis_restart`` (Redis): ``redis-server`` stopped (SIGTERM: it writes its append-only file
   and exits), left down for ``redis_down`` seconds, started again on the same port and data
   directory.
@@ -272,50 +273,62 @@ async def _measure(
     }
 
 
-def client_connections(pids: Sequence[int], port: int) -> dict[int, int]:
-    """Each process's established TCP connections whose local port is ``port``: the clients it
-    is serving now (Linux ``/proc``: its socket descriptors, matched by inode to
-    ``/proc/net/tcp`` and ``tcp6``)."""
-    established: set[str] = set()
+def client_ports(pids: Sequence[int], port: int) -> dict[int, set[int]]:
+    """Each process's established TCP connections whose local port is ``port``, by the
+    client's port: the clients it is serving now (Linux ``/proc``: its socket descriptors,
+    matched by inode to ``/proc/net/tcp`` and ``tcp6``)."""
+    peers: dict[str, int] = {}  # socket inode -> the client's port
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with contextlib.suppress(OSError):
             for line in Path(table).read_text().splitlines()[1:]:
                 fields = line.split()
-                local_port = int(fields[1].rpartition(":")[2], 16)
-                if local_port == port and fields[3] == "01":  # TCP_ESTABLISHED
-                    established.add(fields[9])
-    counts: dict[int, int] = {}
+                if int(fields[1].rpartition(":")[2], 16) == port and fields[3] == "01":  # ESTABLISHED
+                    peers[fields[9]] = int(fields[2].rpartition(":")[2], 16)
+    found: dict[int, set[int]] = {}
     for pid in pids:
-        inodes = set()
+        ports = found.setdefault(pid, set())
         with contextlib.suppress(OSError):
             for fd in os.listdir(f"/proc/{pid}/fd"):
                 with contextlib.suppress(OSError):
                     target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                    if target.startswith("socket:["):
-                        inodes.add(target[8:-1])
-        counts[pid] = len(inodes & established)
-    return counts
+                    if target.startswith("socket:[") and target[8:-1] in peers:
+                        ports.add(peers[target[8:-1]])
+    return found
 
 
-async def _busiest(run: _Run, pids: Sequence[int]) -> int:
-    """The worker serving the most client connections now, read from ``/proc`` at the moment of
-    the kill (a scrape of ``/metrics`` would be tens of milliseconds old, longer than a short
-    stream). The traffic's users send their next request as soon as a reply ends, so a worker
-    with client connections is serving their streams. Waits up to 5 s for a worker with two or
-    more: killing a worker that serves no stream would test nothing."""
+async def _victim(run: _Run, pids: Sequence[int]) -> tuple[int, int]:
+    """A worker holding open streams of the traffic, stopped (SIGSTOP), and how many it holds.
+
+    A stream is matched to its worker by its connection: the client's port, seen from the
+    worker's sockets in ``/proc`` (a scrape of a metric would be older than a short stream).
+    A stream the client still reads may have been sent whole already, its end waiting in the
+    client's socket; so the worker is stopped, the client given ``_SETTLE`` seconds to read what
+    was sent, and the streams still open then are the ones the worker holds. Killing a worker
+    that holds none would test nothing: it is let go (SIGCONT) and another tried, for up to 5 s."""
     port = int(run.server.url.rpartition(":")[2])
     deadline = time.monotonic() + 5.0
     while True:
-        counts = client_connections(pids, port)
-        if max(counts.values(), default=0) >= 2 or time.monotonic() >= deadline:
-            return max(pids, key=lambda pid: counts.get(pid, 0))
-        await asyncio.sleep(0.01)
+        streams = run.traffic.open_stream_ports()
+        serving = {pid: len(ports & streams) for pid, ports in client_ports(pids, port).items()}
+        pid = max(pids, key=lambda p: serving.get(p, 0))
+        if serving.get(pid, 0) or time.monotonic() >= deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+            await asyncio.sleep(_SETTLE)
+            held = len(client_ports([pid], port)[pid] & run.traffic.open_stream_ports())
+            if held or time.monotonic() >= deadline:
+                return pid, held
+            os.kill(pid, signal.SIGCONT)
+        await asyncio.sleep(0.005)
+
+
+_SETTLE: Final = 0.2
 
 
 async def _kill_worker(run: _Run) -> dict[str, Any]:
     async def inject(probing: Probing, repaired: asyncio.Event) -> dict[str, Any]:
         pids = run.server.worker_pids()
-        victim = await _busiest(run, pids)
+        victim, held = await _victim(run, pids)
         os.kill(victim, signal.SIGKILL)
         probing.began = time.monotonic()
         probing.repaired_at = probing.began  # nothing to repair: the other workers serve on
@@ -336,6 +349,7 @@ async def _kill_worker(run: _Run) -> dict[str, Any]:
                 await asyncio.sleep(0.05)
         return {
             "victim_pid": victim,
+            "victim_streams": held,
             "replaced_after_s": None if replaced is None else round(replaced, 3),
             "replacement_serving_after_s": None if serving is None else round(serving, 3),
         }

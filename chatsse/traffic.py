@@ -400,6 +400,7 @@ class Traffic:
         self._http: aiohttp.ClientSession | None = None
         self._record = TrafficRecord()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._streaming: dict[int, int] = {}  # id(exchange) -> its client port, while its stream is open
 
     # --- running ---
 
@@ -488,6 +489,18 @@ class Traffic:
             return "stop"
         return "read"
 
+    def open_stream_ports(self) -> set[int]:
+        """The client's local ports of the streams open now: a chaos run finds the worker
+        serving a stream by its connection (chatsse/chaos.py)."""
+        return set(self._streaming.values())
+
+    def _opened(self, exchange: Exchange, response: aiohttp.ClientResponse) -> None:
+        exchange.opened = time.monotonic()
+        transport = None if response.connection is None else response.connection.transport
+        sockname = None if transport is None else transport.get_extra_info("sockname")
+        if sockname:
+            self._streaming[id(exchange)] = sockname[1]
+
     def _begin(self, kind: str) -> Exchange:
         exchange = Exchange(kind, time.monotonic())
         self._record.exchanges.append(exchange)
@@ -522,6 +535,7 @@ class Traffic:
                 raise
         finally:
             exchange.ended = time.monotonic()
+            self._streaming.pop(id(exchange), None)
 
     @property
     def http(self) -> aiohttp.ClientSession:
@@ -559,7 +573,7 @@ class Traffic:
             if response.status != 200:
                 await _refused(exchange, response)
             else:
-                exchange.opened = time.monotonic()
+                self._opened(exchange, response)
                 async with contextlib.aclosing(_events(response)) as events:
                     async for event in events:
                         reading.take(event)
@@ -622,7 +636,7 @@ class Traffic:
             if response.status != 200:
                 await _refused(exchange, response)
             else:
-                exchange.opened = time.monotonic()
+                self._opened(exchange, response)
                 async for event in _events(response):
                     reading.take(event)
                 exchange.ending, exchange.detail = reading.ending(), reading.detail
@@ -722,7 +736,7 @@ class Traffic:
             if response.status != 200:
                 await _refused(exchange, response)
             else:
-                exchange.opened = time.monotonic()
+                self._opened(exchange, response)
                 async with contextlib.aclosing(_events(response)) as events:
                     async for event in events:
                         reading.take(event)
@@ -767,7 +781,7 @@ class Traffic:
             if response.status != 200:
                 await _refused(exchange, response)
             else:
-                exchange.opened = time.monotonic()
+                self._opened(exchange, response)
                 async for event in _events(response):
                     reading.take(event)
                 exchange.ending, exchange.detail = reading.ending(), reading.detail
@@ -815,7 +829,7 @@ class Traffic:
                 if response.status != 200:
                     await _refused(exchange, response)
                 elif streamed:
-                    exchange.opened = time.monotonic()
+                    self._opened(exchange, response)
                     reply, exchange.ending = await self._completion_chunks(response)
                 else:
                     answer = _json(await response.text())

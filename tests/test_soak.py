@@ -111,6 +111,7 @@ def test_quick_chaos_kill_worker_loses_no_completed_turn(
     assert report is not None, process.stderr[-3000:]
     fault = _fault(report, store, "kill_worker")
     _common(fault)
+    assert fault["victim_streams"] >= 1  # the killed worker was serving streams
     assert fault["replaced_after_s"] is not None  # gunicorn started another worker
     assert fault["replacement_serving_after_s"] is not None  # and its app came up
     # The victim's streams end with the connection closed; a resumed /chat one ends with stream_lost.
