@@ -18,6 +18,9 @@ NOTEBOOKS := $(wildcard notebooks/*.ipynb)
 URL ?= http://127.0.0.1:8000
 LOAD_ARGS ?= --requests 200 --concurrency 20
 FUZZ_EXAMPLES ?= 500
+# Test processes (pytest-xdist): most tests wait on real servers and sockets, so more processes
+# than cores still shortens the run; 0 runs everything in one process.
+TEST_WORKERS ?= 3
 SOAK_ARGS ?=
 CHAOS_ARGS ?=
 
@@ -71,8 +74,9 @@ run-dev: $(STAMP) ## one uvicorn process with auto-reload on code changes
 run-model: $(MODEL_STAMP) ## chatsse on CHATSSE_PORT (8000) in front of SmolLM2-135M on a llama.cpp server (CPU)
 	$(BIN)/python scripts/run_model.py
 
-test: $(STAMP) $(KERNEL) ## run the test suite and every notebook (quick mode)
-	CHATSSE_QUICK=1 $(BIN)/pytest tests notebooks --nbmake --nbmake-timeout=180 -m "not model" $(PYTEST_ARGS)
+test: $(STAMP) $(KERNEL) ## run the test suite and every notebook (quick mode), TEST_WORKERS processes at once
+	CHATSSE_QUICK=1 $(BIN)/pytest tests notebooks --nbmake --nbmake-timeout=180 -m "not model" \
+		-n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 fuzz: $(STAMP) ## fuzz every route with schemathesis against a running server (FUZZ_EXAMPLES per route)
 	CHATSSE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest tests/test_fuzz.py $(PYTEST_ARGS)

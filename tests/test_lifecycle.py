@@ -44,12 +44,18 @@ class SlowBeginStore(MemoryStore):
 
 
 def _read(url: str, body: dict[str, Any], out: dict[str, Any]) -> None:
+    """Read one /chat stream; ``out["open"]``, if given, is set once its first bytes came."""
+    raw = b""
     with (
         httpx.Client(base_url=url, timeout=30) as client,
         client.stream("POST", "/chat", json=body) as response,
     ):
         out["status"] = response.status_code
-        out["raw"] = b"".join(response.iter_bytes())
+        for chunk in response.iter_bytes():
+            raw += chunk
+            if "open" in out:
+                out["open"].set()
+    out["raw"] = raw
 
 
 def test_a_stream_still_beginning_its_turn_when_the_grace_period_ends_gets_its_shutdown_event(
@@ -97,13 +103,13 @@ def test_chatsse_serve_drains_on_sigterm() -> None:
     env.update(CHATSSE_SHUTDOWN_GRACE_PERIOD="0.5", CHATSSE_LOG_LEVEL="warning")
     server = UvicornServer(env=env).start()
     try:
-        outs: list[dict[str, Any]] = [{} for _ in range(3)]
+        outs: list[dict[str, Any]] = [{"open": threading.Event()} for _ in range(3)]
         readers = [
             threading.Thread(target=_read, args=(server.url, {"message": f"m{i}"}, outs[i])) for i in range(3)
         ]
         for reader in readers:
             reader.start()
-        time.sleep(0.5)
+        assert all(out["open"].wait(10) for out in outs)  # every stream has begun
         sent = time.monotonic()
         server.stop(signal.SIGTERM, timeout=20)
         took = time.monotonic() - sent

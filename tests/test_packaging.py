@@ -17,6 +17,9 @@ from support import chat, require_binary, wait_for
 
 from chatsse.processes import free_port
 
+# Under xdist (make test) one worker runs this module: one wheel and environment serve it all.
+pytestmark = pytest.mark.xdist_group("packaging")
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

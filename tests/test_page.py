@@ -17,6 +17,9 @@ from support import require_binary
 
 from chatsse.processes import GunicornServer
 
+# Under xdist (make test) one worker runs this module: its gunicorn servers serve it all.
+pytestmark = pytest.mark.xdist_group("page")
+
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
     "--disable-component-update", "--disable-sync", "--no-first-run",

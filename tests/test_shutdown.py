@@ -20,25 +20,34 @@ SLOW = {
 
 
 def _read_stream(url: str, body: dict[str, object], out: dict[str, object]) -> None:
-    """Read one /chat stream to its end, keeping the raw bytes and when it ended."""
+    """Read one /chat stream to its end, keeping the raw bytes and when it ended; ``out["open"]``
+    (a ``threading.Event``) is set once its first bytes have come: the stream has begun."""
+    opened = out.setdefault("open", threading.Event())
+    assert isinstance(opened, threading.Event)
     with httpx.Client(base_url=url, timeout=30) as client, client.stream("POST", "/chat", json=body) as r:
         raw = b""
         for chunk in r.iter_bytes():
             raw += chunk
+            opened.set()
     out["raw"] = raw
     out["ended"] = time.monotonic()
+
+
+def _reading(url: str, body: dict[str, object], out: dict[str, object]) -> threading.Thread:
+    """A thread reading one stream (``_read_stream``), returned once the stream has begun."""
+    out["open"] = threading.Event()
+    thread = threading.Thread(target=_read_stream, args=(url, body, out))
+    thread.start()
+    opened = out["open"]
+    assert isinstance(opened, threading.Event)
+    assert opened.wait(10), "the stream never began"
+    return thread
 
 
 def test_stop_ends_open_streams_with_a_shutdown_event_after_the_grace_period(serve: Serve) -> None:
     server = serve(shutdown_grace_period=0.5, **SLOW)
     results: list[dict[str, object]] = [{} for _ in range(3)]
-    threads = [
-        threading.Thread(target=_read_stream, args=(server.url, {"message": f"long {i}"}, results[i]))
-        for i in range(3)
-    ]
-    for t in threads:
-        t.start()
-    time.sleep(0.5)  # the streams are open and sending
+    threads = [_reading(server.url, {"message": f"long {i}"}, results[i]) for i in range(3)]
     stopping = time.monotonic()
     server.stop()
     for t in threads:
@@ -66,9 +75,7 @@ def test_a_stream_that_finishes_within_the_grace_period_completes(serve: Serve) 
         max_reply_tokens=100,
     )
     result: dict[str, object] = {}
-    thread = threading.Thread(target=_read_stream, args=(server.url, {"message": "short"}, result))
-    thread.start()
-    time.sleep(0.2)
+    thread = _reading(server.url, {"message": "short"}, result)
     server.stop()
     thread.join(10)
     events = parse_events(result["raw"])  # type: ignore[arg-type]
@@ -89,9 +96,7 @@ def test_new_chats_are_refused_while_draining(serve: Serve) -> None:
 def test_a_server_started_after_another_stopped_streams_normally(serve: Serve) -> None:
     first = serve(shutdown_grace_period=0.2, **SLOW)
     result: dict[str, object] = {}
-    thread = threading.Thread(target=_read_stream, args=(first.url, {"message": "x"}, result))
-    thread.start()
-    time.sleep(0.3)
+    thread = _reading(first.url, {"message": "x"}, result)
     first.stop()
     thread.join(10)
     assert parse_events(result["raw"])[-1][1]["type"] == "shutdown"  # type: ignore[arg-type]
@@ -112,12 +117,9 @@ def test_draining_one_server_leaves_another_in_the_same_process_streaming(serve:
     )  # fmt: skip
     results: list[dict[str, object]] = [{}, {}]
     threads = [
-        threading.Thread(target=_read_stream, args=(first.url, {"message": "a"}, results[0])),
-        threading.Thread(target=_read_stream, args=(second.url, {"message": "b"}, results[1])),
+        _reading(first.url, {"message": "a"}, results[0]),
+        _reading(second.url, {"message": "b"}, results[1]),
     ]
-    for t in threads:
-        t.start()
-    time.sleep(0.2)
     first.drain()
     for t in threads:
         t.join(10)

@@ -28,6 +28,9 @@ from chatsse.traffic import (
     missing_turns,
 )
 
+# Under xdist (make test) one worker runs this module: one chaos run serves it all.
+pytestmark = pytest.mark.xdist_group("chaos")
+
 SCRIPTS = Path(__file__).parent.parent / "scripts"
 
 
