@@ -1,6 +1,6 @@
 """chatsse.locust through Locust itself: ``locust --headless`` in a child process (Locust
 monkey-patches the standard library with gevent, so it never runs inside pytest) against
-real servers on free ports, judged by the statistics Locust writes (``--csv``) and by what
+real servers on free ports, judged by the statistics Locust writes (``--json-file``) and by what
 the servers say they served."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.skipif(
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = ROOT / "scripts" / "locustfile.py"
-TIMEOUT = 90  # seconds for one Locust process, start to exit (a run lasts 1 to 2 s)
+TIMEOUT = 90  # seconds for one Locust process, start to exit (its run lasts 1 s)
 WRONG_KEY = "csk_00000000_" + "A" * 43
 
 
