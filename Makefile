@@ -119,12 +119,14 @@ chaos: $(STAMP) ## the same traffic under faults: kill -9 of a worker, Redis res
 lab: $(STAMP) $(KERNEL) ## open the workbook in JupyterLab (kernel "chatsse (.venv)")
 	$(BIN)/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root)
 
-notebooks-html: $(STAMP) $(KERNEL) ## execute the notebooks into build/notebooks/*.html
+notebooks-html: $(STAMP) $(KERNEL) ## execute the notebooks into build/notebooks/*.html, with an index page (CHATSSE_QUICK=1: quick mode)
 	mkdir -p build/notebooks
-	# figures also as HTML with plotly.js inline, so the pages show them offline
-	PLOTLY_RENDERER=plotly_mimetype+notebook $(BIN)/jupyter nbconvert --to html --execute \
-		--ExecutePreprocessor.timeout=600 \
-		--output-dir build/notebooks $(NOTEBOOKS)
+	# figures also as HTML with plotly.js inline, so the pages show them offline; three at a time
+	printf '%s\n' $(NOTEBOOKS) | PLOTLY_RENDERER=plotly_mimetype+notebook xargs -P 3 -I{} \
+		$(BIN)/jupyter nbconvert --to html --execute --ExecutePreprocessor.timeout=600 \
+		--output-dir build/notebooks {}
+	$(BIN)/python scripts/notebooks_index.py $(NOTEBOOKS) --pages build/notebooks \
+		--mode $(if $(filter-out 0,$(CHATSSE_QUICK)),quick,full)
 
 lock: $(UV) ## re-resolve uv.lock after changing dependencies
 	$(UV) lock --python $(PYTHON)
