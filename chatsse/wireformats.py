@@ -164,9 +164,17 @@ def wire_table(bodies: Mapping[str, bytes], *, width: int = 240) -> pd.DataFrame
 
 
 def with_monospace(frame: pd.DataFrame) -> Styler:
-    """``frame`` shown with its cells in monospace, line breaks kept, left-aligned."""
-    cells = [("white-space", "pre-wrap"), ("font-family", "monospace"), ("text-align", "left")]
-    return frame.style.set_table_styles([{"selector": "td", "props": [*cells, ("vertical-align", "top")]}])
+    """``frame`` shown with its cells in monospace, left-aligned, line breaks kept and long lines
+    (JSON has no spaces to break at) wrapped anywhere, so the columns fit side by side."""
+    cells: list[tuple[str, str | float]] = [
+        ("white-space", "pre-wrap"),
+        ("word-break", "break-all"),
+        ("font-family", "monospace"),
+        ("text-align", "left"),
+        ("vertical-align", "top"),
+        ("max-width", "34em"),
+    ]
+    return frame.style.set_table_styles([{"selector": "td", "props": cells}])
 
 
 def framing(body: bytes) -> dict[str, Any]:
