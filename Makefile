@@ -81,8 +81,9 @@ test: $(STAMP) $(KERNEL) ## run the test suite and every notebook (quick mode), 
 fuzz: $(STAMP) ## fuzz every route with schemathesis against a running server (FUZZ_EXAMPLES per route)
 	CHATSSE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest tests/test_fuzz.py $(PYTEST_ARGS)
 
-test-model: $(MODEL_STAMP) ## the tests against a real model: llama.cpp's server alone and behind chatsse
+test-model: $(MODEL_STAMP) $(KERNEL) ## the tests against a real model: llama.cpp's server alone and behind chatsse, and notebook 06 on it
 	$(BIN)/pytest tests/test_real_model.py -m model $(PYTEST_ARGS)
+	CHATSSE_QUICK=1 CHATSSE_REQUIRE_MODEL=1 $(BIN)/pytest notebooks/06-openai-protocols.ipynb --nbmake --nbmake-timeout=300 $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff lint and format check; notebooks committed without outputs; no conflict markers
 	$(BIN)/ruff check .

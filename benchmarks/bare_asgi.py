@@ -1,7 +1,8 @@
 """The floor: a raw ASGI app that writes pre-encoded SSE bytes, one ``send`` per event.
 
 No framework, no per-event encoding, no disconnect listener (uvicorn drops sends after a
-disconnect, so a stream whose client left runs on to its end). ``GET`` answers ``ok``.
+disconnect, so a stream whose client left runs on to its end). ``GET /tasks`` answers the
+process's asyncio tasks (a count), any other ``GET`` ``ok``.
 """
 
 from __future__ import annotations
@@ -63,10 +64,11 @@ async def app(scope: Message, receive: Any, send: Any) -> None:
     if scope["type"] != "http":
         return
     if scope["method"] != "POST":
+        body = str(len(asyncio.all_tasks())).encode() if scope["path"] == "/tasks" else b"ok"
         await send(
             {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]}
         )
-        await send({"type": "http.response.body", "body": b"ok"})
+        await send({"type": "http.response.body", "body": body})
         return
     body = b""
     more = True

@@ -1,5 +1,6 @@
 """Plain sse-starlette usage: ``EventSourceResponse`` over an async generator yielding
 ``ServerSentEvent`` objects, each event's data encoded with ``json.dumps`` as it is sent.
+``GET /tasks`` answers the process's asyncio tasks (a count).
 """
 
 from __future__ import annotations
@@ -45,4 +46,8 @@ async def ok(request: Request) -> Response:
     return PlainTextResponse("ok")
 
 
-app = Starlette(routes=[Route("/chat", chat, methods=["POST"]), Route("/", ok)])
+async def tasks(request: Request) -> Response:
+    return PlainTextResponse(str(len(asyncio.all_tasks())))
+
+
+app = Starlette(routes=[Route("/chat", chat, methods=["POST"]), Route("/", ok), Route("/tasks", tasks)])

@@ -1,5 +1,5 @@
 """What do chatsse's OpenAI fronts cost per event, and what does chatsse add as a proxy?
-Real servers, real sockets (the process helpers are ``scripts/bench_server.py``'s).
+Real servers, real sockets (``chatsse.referenceservers``, ``chatsse.servercost``).
 
 1. Server CPU per token event, ``POST /v1/chat/completions`` vs ``POST /chat``: one chatsse
    server process, both fronts, the same replies (the simulated engine), in interleaved
@@ -28,19 +28,12 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from bench_server import (
-    ServerProcess,
-    bench_arguments,
-    bench_runner,
-    cpu_per_event_steady,
-    measured_run,
-    reply_env,
-    running,
-    write_report,
-)
+from bench_server import bench_arguments, bench_runner, running, write_report
 
 from chatsse.loadgen import LoadConfig, arun_load_test
 from chatsse.loadtargets import ChatsseTarget, OpenAITarget, Target
+from chatsse.referenceservers import ReferenceServer, reply_env
+from chatsse.servercost import cpu_per_event_steady, measured_run
 
 MODEL = "simulated"
 FRONTS = ("/chat", "/v1/chat/completions")
@@ -85,7 +78,7 @@ def target(front: str, url: str, max_tokens: int) -> Target:
     return OpenAITarget(f"{url}/v1", model=MODEL, max_tokens=max_tokens)
 
 
-async def bursts(server: ServerProcess, front: str, plan: Plan) -> dict[str, Any]:
+async def bursts(server: ReferenceServer, front: str, plan: Plan) -> dict[str, Any]:
     config = LoadConfig(requests=plan.long_requests, concurrency=plan.concurrency, timeout=120)
     warm = LoadConfig(requests=max(4, plan.long_requests // 10), concurrency=plan.concurrency, timeout=120)
     await arun_load_test(target(front, server.url, plan.long_tokens), warm)
@@ -97,11 +90,13 @@ async def bursts(server: ServerProcess, front: str, plan: Plan) -> dict[str, Any
     return {"tokens": tokens, "server_us_per_token": 1e6 * server_cpu / tokens, "errors": errors}
 
 
-async def steady(server: ServerProcess, front: str, plan: Plan) -> dict[str, Any]:
+async def steady(server: ReferenceServer, front: str, plan: Plan) -> dict[str, Any]:
     if front == "/chat":
-        return await cpu_per_event_steady(server, plan)  # type: ignore[arg-type]
+        return await cpu_per_event_steady(server, streams=plan.steady_streams, window=plan.steady_window)
     body = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "a steady stream"}]}
-    return await cpu_per_event_steady(server, plan, front, body)  # type: ignore[arg-type]
+    return await cpu_per_event_steady(
+        server, streams=plan.steady_streams, window=plan.steady_window, path=front, body=body
+    )
 
 
 def _median(runs: list[float]) -> float:

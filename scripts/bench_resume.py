@@ -1,5 +1,5 @@
 """What do replay logs cost, and how fast are resume and stop across workers? Real servers,
-real sockets (the process helpers are ``scripts/bench_server.py``'s).
+real sockets (``chatsse.referenceservers``, ``chatsse.servercost``).
 
 1. The log's cost per event: one chatsse process on SQLite (the store whose writes cost the
    most: each is a transaction in the file), ``steady_streams`` streams at 20 tokens/s, all
@@ -38,18 +38,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import aiohttp
-from bench_server import (
-    bench_arguments,
-    bench_runner,
-    cpu_per_event_steady,
-    free_port,
-    reply_env,
-    running,
-    write_report,
-)
+from bench_server import bench_arguments, bench_runner, running, write_report
 
 from chatsse.eventstream import EventStreamParser
-from chatsse.processes import GunicornServer
+from chatsse.processes import GunicornServer, free_port
+from chatsse.referenceservers import reply_env
+from chatsse.servercost import cpu_per_event_steady
 
 
 @dataclass(frozen=True)
@@ -77,7 +71,9 @@ async def log_cost(plan: Plan, pin: bool, log: Any) -> dict[str, Any]:
                     "CHATSSE_REPLAY_LOG": "true" if setting == "on" else "false",
                 }
                 with running("chatsse", env, pin=pin) as server:
-                    row = await cpu_per_event_steady(server, plan)  # type: ignore[arg-type]
+                    row = await cpu_per_event_steady(
+                        server, streams=plan.steady_streams, window=plan.steady_window
+                    )
                 rounds[setting].append(row)
                 print(
                     f"log {setting}, round {repeat + 1}: {row['server_us_per_event']:.2f} us/event", file=log

@@ -40,40 +40,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import ctypes
 import json
 import os
 import platform
 import shutil
-import socket
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import httpx
 
-from chatsse.eventstream import EventStreamParser
-from chatsse.loadgen import LoadConfig, LoadTestResult, arun_load_test
-from chatsse.loadtargets import ChatsseTarget, Target
+from chatsse.loadgen import LoadConfig, arun_load_test
+from chatsse.loadtargets import ChatsseTarget
+from chatsse.referenceservers import REFERENCE_APPS, ReferenceServer, reply_env, uvicorn_options
+from chatsse.servercost import cpu_per_event_steady, cpu_per_request, measured_run
 
-ROOT = Path(__file__).resolve().parent.parent
-SERVERS = ("bare-asgi", "sse-starlette", "chatsse")
-APPS = {
-    "bare-asgi": ["benchmarks.bare_asgi:app"],
-    "sse-starlette": ["benchmarks.sse_starlette_app:app"],
-    # As chatsse's server commands run it: the app, and the process's garbage collector tuned.
-    "chatsse": ["--factory", "chatsse.serving:create_served_app"],
-}
+SERVERS = tuple(REFERENCE_APPS)
 SERVER_CORE, CLIENT_CORE = 0, 1
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-_LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass(frozen=True)
@@ -112,56 +97,10 @@ QUICK = Plan(
 )
 
 
-def uvicorn_options() -> list[str]:
-    """The fastest loop and HTTP parser installed, the same for every server."""
-    options = ["--log-level", "warning", "--no-access-log", "--timeout-graceful-shutdown", "1"]
-    for flag, fast, module in (("--loop", "uvloop", "uvloop"), ("--http", "httptools", "httptools")):
-        try:
-            __import__(module)
-        except ImportError:
-            continue
-        options += [flag, fast]
-    return options
-
-
-def reply_env(server: str, *, tokens: int, interval_ms: float) -> dict[str, str]:
-    """Environment giving ``server`` replies of ``tokens`` tokens, ``interval_ms`` apart, no TTFT."""
-    if server == "chatsse":
-        return {
-            "CHATSSE_SIM_TTFT_MS": "0",
-            "CHATSSE_SIM_PREFILL_MS_PER_TOKEN": "0",
-            "CHATSSE_SIM_TOKEN_INTERVAL_MS": str(interval_ms),
-            "CHATSSE_SIM_JITTER": "0",
-            "CHATSSE_SIM_REPLY_TOKENS_MIN": str(tokens),
-            "CHATSSE_SIM_REPLY_TOKENS_MAX": str(tokens),
-            "CHATSSE_MAX_REPLY_TOKENS": str(tokens),
-            "CHATSSE_LOG_LEVEL": "warning",
-            "CHATSSE_MAX_CONVERSATIONS": "10000000",
-            "CHATSSE_MAX_STREAMS_PER_WORKER": "1000000",
-        }
-    return {
-        "BENCH_REPLY_TOKENS": str(tokens),
-        "BENCH_TTFT_MS": "0",
-        "BENCH_TOKEN_INTERVAL_MS": str(interval_ms),
-    }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time of a process (all its threads), in nanoseconds' resolution: the kernel's
-    per-process CPU clock (``clock_getcpuclockid``), not /proc's utime + stime, which count
-    in clock ticks (10 ms): a short window of a cheap server could read 0 or 1 tick."""
-    clock = ctypes.c_int()
-    if _LIBC.clock_getcpuclockid(pid, ctypes.byref(clock)) != 0:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-    return time.clock_gettime(clock.value)
+def running(name: str, env: dict[str, str], *, pin: bool) -> ReferenceServer:
+    """One server process, to use as a context manager (started on entry, stopped on exit),
+    pinned to the server core when ``pin``."""
+    return ReferenceServer(name, env=env, core=SERVER_CORE if pin else None, startup_timeout=60)
 
 
 def memory_kib(pid: int) -> dict[str, int]:
@@ -173,68 +112,7 @@ def memory_kib(pid: int) -> dict[str, int]:
     return values
 
 
-@dataclass
-class ServerProcess:
-    name: str
-    process: subprocess.Popen[bytes]
-    url: str
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def cpu(self) -> float:
-        return cpu_seconds(self.pid)
-
-
-@contextlib.contextmanager
-def running(name: str, env: dict[str, str], *, pin: bool) -> Iterator[ServerProcess]:
-    """Start one server process and wait until it answers; stop it afterwards."""
-    port = free_port()
-    command = [sys.executable, "-m", "uvicorn", *APPS[name], "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--app-dir", str(ROOT), *uvicorn_options()]
-    if pin:
-        command = ["taskset", "-c", str(SERVER_CORE), *command]
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("CHATSSE_", "BENCH_"))}
-    with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(command, env={**clean, **env}, stdout=log, stderr=log, cwd=ROOT)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 60
-            while True:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    raise RuntimeError(f"{name} did not start:\n{log.read().decode(errors='replace')}")
-                with contextlib.suppress(httpx.TransportError):
-                    if httpx.get(url + "/", timeout=5).status_code == 200:
-                        break
-                time.sleep(0.05)
-            yield ServerProcess(name, process, url)
-        finally:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-async def measured_run(
-    server: ServerProcess, config: LoadConfig, max_tokens: int, target: Target | None = None
-) -> tuple[LoadTestResult, float, float]:
-    """A load test (chatsse's ``/chat`` unless another target is given); returns it with the
-    server's and this process's CPU seconds during it."""
-    target = target or ChatsseTarget(server.url, max_tokens=max_tokens)
-    server_before, client_before = server.cpu(), time.process_time()
-    result = await arun_load_test(target, config)
-    return result, server.cpu() - server_before, time.process_time() - client_before
-
-
-def _failures(result: LoadTestResult) -> dict[str, int]:
-    return result.summary().errors_by_type
-
-
-async def cpu_per_event(server: ServerProcess, plan: Plan) -> dict[str, Any]:
+async def cpu_per_event(server: ReferenceServer, plan: Plan) -> dict[str, Any]:
     warm = LoadConfig(requests=max(4, plan.long_requests // 10), concurrency=plan.concurrency, timeout=120)
     await arun_load_test(ChatsseTarget(server.url, max_tokens=plan.long_tokens), warm)
     config = LoadConfig(requests=plan.long_requests, concurrency=plan.concurrency, timeout=120)
@@ -248,88 +126,11 @@ async def cpu_per_event(server: ServerProcess, plan: Plan) -> dict[str, Any]:
         "client_cpu_s": client_cpu,
         "client_us_per_event": 1e6 * client_cpu / events,
         "events_per_s": result.summary().event_throughput,
-        "errors": _failures(result),
+        "errors": result.summary().errors_by_type,
     }
 
 
-async def cpu_per_request(server: ServerProcess, plan: Plan) -> dict[str, Any]:
-    warm = LoadConfig(requests=max(8, plan.short_requests // 10), concurrency=plan.concurrency, timeout=60)
-    await arun_load_test(ChatsseTarget(server.url, max_tokens=plan.short_tokens), warm)
-    config = LoadConfig(requests=plan.short_requests, concurrency=plan.concurrency, timeout=60)
-    result, server_cpu, client_cpu = await measured_run(server, config, plan.short_tokens)
-    requests = len(result.records)
-    return {
-        "requests": requests,
-        "events_per_request": sum(r.events for r in result.records) / requests,
-        "server_cpu_s": server_cpu,
-        "server_us_per_request": 1e6 * server_cpu / requests,
-        "client_us_per_request": 1e6 * client_cpu / requests,
-        "requests_per_s": result.summary().request_throughput,
-        "errors": _failures(result),
-    }
-
-
-async def cpu_per_event_steady(
-    server: ServerProcess, plan: Plan, path: str = "/chat", body: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """Server CPU per event while ``steady_streams`` streams are all mid-reply, tokens paced:
-    the regime of a chat server. Counted over a window that starts after every stream has
-    its first token and ends before any reply is over, so no per-request work is included.
-    Every event of the window is a token's (``message`` events; an OpenAI stream's data
-    lines have no ``event:`` and parse as ``message`` too)."""
-    events = 0
-    started = 0
-    body = body or {"message": "a steady stream"}
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
-
-        async def read_stream() -> None:
-            nonlocal events, started
-            parser = EventStreamParser()
-            first = True
-            async with http.post(server.url + path, json=body) as response:
-                if response.status != 200:
-                    raise RuntimeError(f"{server.name}: HTTP {response.status} opening a stream")
-                async for chunk in response.content.iter_any():
-                    got = sum(1 for event in parser.feed(chunk) if event.event == "message")
-                    events += got
-                    if got and first:
-                        started, first = started + 1, False
-
-        readers = [asyncio.create_task(read_stream()) for _ in range(plan.steady_streams)]
-        try:
-            deadline = time.monotonic() + 60
-            while started < plan.steady_streams:
-                for reader in readers:
-                    if reader.done():
-                        reader.result()  # raises what ended it early
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"{server.name}: only {started} of {plan.steady_streams} streams started"
-                    )
-                await asyncio.sleep(0.05)
-            await asyncio.sleep(plan.steady_window / 5)
-            cpu_before, events_before, wall_before = server.cpu(), events, time.perf_counter()
-            await asyncio.sleep(plan.steady_window)
-            cpu_after, events_after, wall_after = server.cpu(), events, time.perf_counter()
-            if any(reader.done() for reader in readers):
-                raise RuntimeError(f"{server.name}: a stream ended inside the measuring window")
-        finally:
-            for reader in readers:
-                reader.cancel()
-            await asyncio.gather(*readers, return_exceptions=True)
-    counted = events_after - events_before
-    wall = wall_after - wall_before
-    return {
-        "streams": plan.steady_streams,
-        "interval_ms": plan.steady_interval_ms,
-        "events": counted,
-        "events_per_s": counted / wall,
-        "server_cpu_share": (cpu_after - cpu_before) / wall,
-        "server_us_per_event": 1e6 * (cpu_after - cpu_before) / counted,
-    }
-
-
-async def paced_level(server: ServerProcess, plan: Plan, streams: int) -> dict[str, Any]:
+async def paced_level(server: ReferenceServer, plan: Plan, streams: int) -> dict[str, Any]:
     """``streams`` users, two paced replies each, started over one reply's time."""
     interval = plan.interval_ms / 1000
     config = LoadConfig(
@@ -360,7 +161,7 @@ def _saturated(row: dict[str, Any]) -> str | None:
     return None
 
 
-async def paced_capacity(server: ServerProcess, plan: Plan) -> dict[str, Any]:
+async def paced_capacity(server: ReferenceServer, plan: Plan) -> dict[str, Any]:
     """Double the streams until ITL p99 > 2 x interval, a failure, or a saturated core; then
     try once halfway between the last level held and the first one lost."""
     levels: list[dict[str, Any]] = []
@@ -394,7 +195,7 @@ async def paced_capacity(server: ServerProcess, plan: Plan) -> dict[str, Any]:
     }
 
 
-async def memory_per_stream(server: ServerProcess, plan: Plan) -> dict[str, Any]:
+async def memory_per_stream(server: ReferenceServer, plan: Plan) -> dict[str, Any]:
     """Open slow streams (a fifth first, then the rest) and compare resident memory."""
     first = max(1, plan.streams // 5)
     body = {"message": "hold this stream open"}
@@ -405,7 +206,7 @@ async def memory_per_stream(server: ServerProcess, plan: Plan) -> dict[str, Any]
             response = await http.post(server.url + "/chat", json=body)
             responses.append(response)
             if response.status != 200:
-                raise RuntimeError(f"{server.name}: HTTP {response.status} opening a stream")
+                raise RuntimeError(f"{server.app}: HTTP {response.status} opening a stream")
             await response.content.readany()  # the connected event: the stream is open
 
         try:
@@ -436,7 +237,9 @@ async def bench_cpu(name: str, plan: Plan, *, pin: bool, log: Any) -> dict[str, 
         out["events"] = await cpu_per_event(server, plan)
     with running(name, reply_env(name, tokens=plan.short_tokens, interval_ms=0), pin=pin) as server:
         print(f"{name}: CPU per request ({plan.short_requests} x {plan.short_tokens} tokens)", file=log)
-        out["requests"] = await cpu_per_request(server, plan)
+        out["requests"] = await cpu_per_request(
+            server, requests=plan.short_requests, tokens=plan.short_tokens, concurrency=plan.concurrency
+        )
     # Replies long enough that none ends before the window does (they are cut after it).
     tokens = int((1.2 * plan.steady_window + 20) * 1000 / plan.steady_interval_ms)
     with running(
@@ -444,7 +247,8 @@ async def bench_cpu(name: str, plan: Plan, *, pin: bool, log: Any) -> dict[str, 
     ) as server:
         rate = 1000 / plan.steady_interval_ms
         print(f"{name}: CPU per event, {plan.steady_streams} streams at {rate:g} tokens/s", file=log)
-        out["steady"] = await cpu_per_event_steady(server, plan)
+        steady = await cpu_per_event_steady(server, streams=plan.steady_streams, window=plan.steady_window)
+        out["steady"] = {**steady, "interval_ms": plan.steady_interval_ms}
     return out
 
 
