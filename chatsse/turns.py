@@ -306,10 +306,21 @@ class TurnStream:
                 for text in batch:  # the per-token hot path: one event, one send
                     await send({"type": "http.response.body", "body": encode(text), "more_body": True})
                     append(text)
+                    if slot.stop_reason is not None:  # stopped while writing (see _stopped_mid_batch)
+                        await self._stopped_mid_batch()
         except Exception as exc:
             return await self._failed("internal_error", exc)
         self._generated = True
         return await self._complete(generation.finish_reason or "stop")
+
+    async def _stopped_mid_batch(self) -> None:
+        """The slot was stopped while a batch was being written: the watchdog cut a stalled
+        connection (after which a server's ``send`` returns at once, the bytes going nowhere),
+        or a stop's cancel waits for the loop. Yield to the loop, so that the stop's cancel
+        lands here, instead of "sending" the rest of the batch into a closed connection and
+        storing the reply as complete."""
+        self.slot.stop(self.slot.stop_reason or "internal_error")  # schedules the cancel
+        await asyncio.sleep(0)
 
     def _signal(self, kind: SignalKind) -> None:
         """A signal from any worker (chatsse/replay/signals.py)."""

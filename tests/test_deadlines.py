@@ -261,24 +261,27 @@ def test_a_sqlite_file_locked_mid_stream_ends_it_with_storage_error(serve: Serve
 
 
 class BigTokenEngine:
-    """Replies of ``tokens`` tokens of 16 KiB each, as fast as they can be written."""
+    """Replies of ``tokens`` tokens of 16 KiB each, as fast as they can be written, ``batch``
+    tokens at a time (an engine catching up hands over every token it has ready at once)."""
 
     name = "big-tokens"
 
-    def __init__(self, tokens: int = 2000) -> None:
+    def __init__(self, tokens: int = 2000, *, batch: int = 1) -> None:
         self.tokens = tokens
+        self.batch = batch
 
     def generate(self, messages: Sequence[Message], *, max_tokens: int, options: Any = None) -> Any:
-        return _Tokens(["x" * 16384] * min(self.tokens, max_tokens))
+        return _Tokens(["x" * 16384] * min(self.tokens, max_tokens), batch=self.batch)
 
     async def aclose(self) -> None:
         return None
 
 
 class _Tokens:
-    def __init__(self, tokens: list[str], *, stall_after: int | None = None) -> None:
+    def __init__(self, tokens: list[str], *, stall_after: int | None = None, batch: int = 1) -> None:
         self.tokens = tokens
         self.stall_after = stall_after
+        self.batch = batch
         self.prompt_tokens = 1
         self.completion_tokens = 0
         self.finish_reason: CompletionReason | None = None
@@ -296,17 +299,21 @@ class _Tokens:
         if self.completion_tokens == len(self.tokens):
             self.finish_reason = "stop"
             raise StopAsyncIteration
-        self.completion_tokens += 1
+        first = self.completion_tokens
+        self.completion_tokens = min(first + self.batch, len(self.tokens))
         await asyncio.sleep(0)
-        return [self.tokens[self.completion_tokens - 1]]
+        return self.tokens[first : self.completion_tokens]
 
     async def aclose(self) -> None:
         self.closed = True
 
 
-def test_a_reader_that_stops_reading_is_cut_off_within_the_write_timeout(serve: Serve) -> None:
+@pytest.mark.parametrize("batch", [1, 2000], ids=["token-by-token", "all-at-once"])
+def test_a_reader_that_stops_reading_is_cut_off_within_the_write_timeout(serve: Serve, batch: int) -> None:
+    """Also when the engine hands over the whole reply at once: once the connection is cut,
+    the rest of the batch is not "sent" into it, and the reply is not stored as complete."""
     write_timeout = 0.6
-    server = serve(engine=BigTokenEngine(), write_timeout=write_timeout, max_reply_tokens=2000)
+    server = serve(engine=BigTokenEngine(batch=batch), write_timeout=write_timeout, max_reply_tokens=2000)
     body = b'{"message": "send a lot"}'
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
