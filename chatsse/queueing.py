@@ -3,11 +3,11 @@ rate (λ) times their mean time in it (W), whatever the distributions.
 
 λ and W come from the load client's records; L is measured apart from them, by sampling the
 server's own gauge of open streams (``/stats``, every worker together) while the run goes on,
-so each side checks the other. Over a window that begins and ends with no request in flight
-(the first send to the last end) the law is exact for the client's own records: the area under
-the in-flight count is the sum of the requests' times. The server's count is of its own
-streams, from admission to release, sampled at intervals, so it agrees to within those
-differences.
+each sample held until the next, so each side checks the other. Over a window that begins and
+ends with no request in flight (the first send to the last end) the law is exact for the
+client's own records: the area under the in-flight count is the sum of the requests' times.
+The server's count is of its own streams, from admission to release, and sampled, so it agrees
+to within those differences.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
@@ -77,7 +78,7 @@ class LittlesLaw:
     arrivals: int  # requests sent in the window
     arrival_rate: float  # λ: arrivals / window
     mean_time_in_system: float  # W: mean time from send to end of those requests
-    mean_in_system: float  # L: the server's open streams, averaged over the samples in the window
+    mean_in_system: float  # L: the server's open streams over the window, each sample held until the next
     samples: int
 
     @property
@@ -93,6 +94,20 @@ class LittlesLaw:
     def ratio(self) -> float:
         """Measured L over λW (1 when the law and the instruments agree)."""
         return self.mean_in_system / self.predicted if self.predicted > 0 else float("nan")
+
+
+def _time_average(samples: Sequence[tuple[float, int]], start: float, end: float) -> float:
+    """The mean over ``[start, end]`` of the count the samples describe, each held until the next:
+    a slow answer (a busy server) then weighs as long as it lasted, not as one sample."""
+    points = sorted(samples)
+    area = 0.0
+    covered = 0.0
+    for (at, count), (following, _) in pairwise([*points, (end, 0)]):
+        low, high = max(at, start), min(following, end)
+        if high > low:
+            area += count * (high - low)
+            covered += high - low
+    return area / covered
 
 
 def littles_law(
@@ -111,7 +126,7 @@ def littles_law(
     if not end > start:
         raise ValueError(f"the window must have a positive length, got {start}..{end}")
     inside = [r for r in ended if start <= r.sent <= end]
-    seen = [n for at, n in samples if start <= at <= end]
+    seen = sum(1 for at, _ in samples if start <= at <= end)
     if not inside or not seen:
         raise ValueError("no request or no sample in the window")
     times = [r.end - r.sent for r in inside if r.end is not None]
@@ -121,6 +136,6 @@ def littles_law(
         arrivals=len(inside),
         arrival_rate=len(inside) / (end - start),
         mean_time_in_system=sum(times) / len(times),
-        mean_in_system=sum(seen) / len(seen),
-        samples=len(seen),
+        mean_in_system=_time_average(samples, start, end),
+        samples=seen,
     )

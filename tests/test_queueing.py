@@ -45,6 +45,16 @@ def test_samples_of_the_true_count_agree_with_arrival_rate_times_time_in_system(
     assert law.ratio == pytest.approx(1.0, abs=0.02)  # the samples' own error, at 10 ms steps
 
 
+def test_l_weighs_each_sample_by_how_long_it_held() -> None:
+    """A busy server answers its gauge late: one sample then stands for a long stretch."""
+    spans: list[tuple[float, float | None]] = [(0.0, 1.0), (0.0, 1.0), (1.0, 3.0)]
+    samples = [(0.0, 2), (1.0, 1), (1.1, 1), (1.2, 1), (1.3, 1)]  # the last holds to the end
+    law = littles_law(result(spans), samples)
+    assert law.mean_in_system == pytest.approx((2 * 1.0 + 1 * 2.0) / 3)
+    assert law.predicted == pytest.approx(4 / 3)
+    assert law.samples == 5
+
+
 def test_a_window_counts_the_requests_sent_in_it() -> None:
     samples = [(t / 100, in_flight(SPANS, t / 100)) for t in range(600)]
     law = littles_law(result(SPANS), samples, window=(1.0, 2.5))
