@@ -170,10 +170,13 @@ class StalledReader:
             deadline = time.perf_counter() + seconds
             while time.perf_counter() < deadline:
                 health = (await client.get("/health")).json()
+                # The transport first: a connection aborted between the two reads then shows
+                # closed in the kernel too, not open with an empty buffer.
+                transport = None if server is None else sum(transport_buffers(server))
                 sample = replace(
                     self.sample(),
                     open_streams=int(health["this_worker"]["open_streams"]),
-                    server_transport=None if server is None else sum(transport_buffers(server)),
+                    server_transport=transport,
                 )
                 samples.append(sample)
                 if until is not None and until(sample):
