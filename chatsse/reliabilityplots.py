@@ -132,39 +132,32 @@ def soak_workers(report: dict[str, Any]) -> go.Figure:
                 for w in workers[when]
                 if w["pid"] == pid and w[field] is not None
             ]
-            legend = row == 1
-            figure.add_trace(
-                go.Scatter(
-                    x=[t for t, _ in busy],
-                    y=[scale(v) for _, v in busy],
-                    mode="lines+markers",
-                    name=f"worker {pid}",
-                    legendgroup=str(pid),
-                    showlegend=legend,
-                    line={"color": color},
-                    marker={"size": 4},
+            at_rest_marker = {
+                "symbol": "diamond",
+                "size": 11,
+                "color": color,
+                "line": {"width": 1, "color": "#222"},
+            }
+            for points, name, style in (
+                (
+                    busy,
+                    f"worker {pid}",
+                    {"mode": "lines+markers", "line": {"color": color}, "marker": {"size": 4}},
                 ),
-                row=row,
-                col=1,
-            )
-            figure.add_trace(
-                go.Scatter(
-                    x=[t for t, _ in at_rest],
-                    y=[scale(v) for _, v in at_rest],
-                    mode="markers",
-                    name=f"worker {pid} at rest",
-                    legendgroup=str(pid),
-                    showlegend=legend,
-                    marker={
-                        "symbol": "diamond",
-                        "size": 11,
-                        "color": color,
-                        "line": {"width": 1, "color": "#222"},
-                    },
-                ),
-                row=row,
-                col=1,
-            )
+                (at_rest, f"worker {pid} at rest", {"mode": "markers", "marker": at_rest_marker}),
+            ):
+                figure.add_trace(
+                    go.Scatter(
+                        x=[t for t, _ in points],
+                        y=[scale(v) for _, v in points],
+                        name=name,
+                        legendgroup=str(pid),
+                        showlegend=row == 1,
+                        **style,
+                    ),
+                    row=row,
+                    col=1,
+                )
     traffic = report["phases"]["traffic"]
     figure.add_vrect(
         x0=traffic["began_at_s"],
