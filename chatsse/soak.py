@@ -375,8 +375,9 @@ async def arun_soak(
         start_pids = server.worker_pids()
         log(f"warm-up: {config.warmup:g} s at concurrency {config.concurrency}")
         record = await traffic.run(duration=config.warmup)
-        warmup = _phase(record)
+        warmup = _phase(record, began)
         idle_start = await idle_samples(http, url, start_pids)
+        idle_start_at = time.monotonic() - began
         size_start = await store_size(http, url, store)
         log(f"at rest after the warm-up: {_workers_line(idle_start)}; store {size_start}")
         log(f"traffic: {config.duration:g} s")
@@ -389,10 +390,11 @@ async def arun_soak(
         finally:
             sampler.cancel()
             await asyncio.gather(sampler, return_exceptions=True)
-        traffic_phase = _phase(main)
+        traffic_phase = _phase(main, began)
         record.extend(main)
         drained = await wait_idle(http, url)
         idle_end = await idle_samples(http, url, start_pids)
+        idle_end_at = time.monotonic() - began
         end_pids = server.worker_pids()
         size_end = await store_size(http, url, store)
         log(f"drained in {drained:.1f} s; at rest: {_workers_line(idle_end)}; store {size_end}")
@@ -417,7 +419,13 @@ async def arun_soak(
         "expected_refusals": record.expected_refusals(),
         "unexpected": record.problems(),
         "unexpected_examples": [e.as_dict() for e in record.unexpected()[:20]],
-        "workers": {"start": _samples_dict(idle_start), "end": _samples_dict(idle_end)},
+        "workers": {
+            "start": _samples_dict(idle_start),
+            "end": _samples_dict(idle_end),
+            # When each set was taken, seconds after the run began (the timeline's clock).
+            "start_at_s": round(idle_start_at, 1),
+            "end_at_s": round(idle_end_at, 1),
+        },
         "timeline": timeline,
         "store_size": {"start": size_start, "end": size_end},
         "server_log": log_digest(server.logs()),
@@ -465,10 +473,11 @@ def machine(load_before: tuple[float, float, float]) -> dict[str, Any]:
     }
 
 
-def _phase(record: TrafficRecord) -> dict[str, Any]:
+def _phase(record: TrafficRecord, began: float) -> dict[str, Any]:
     seconds = max(record.ended - record.started, 1e-9)
     requests = sum(record.by_kind().values())
     return {
+        "began_at_s": round(record.started - began, 1),
         "seconds": round(seconds, 2),
         "requests": requests,
         "requests_per_second": round(requests / seconds, 1),

@@ -70,6 +70,15 @@ def test_quick_soak_passes_every_check(tmp_path: Path) -> None:
         assert worker["rss_kib"] > 0
         assert worker["fds"] > 0
         assert worker["tasks"] >= 1
+    # Every moment on one clock, in the order they happened: warm-up, at rest, the traffic and
+    # its busy samples, at rest again.
+    phases, workers = report["phases"], report["workers"]
+    traffic_began = phases["traffic"]["began_at_s"]
+    assert phases["warmup"]["began_at_s"] <= workers["start_at_s"] <= traffic_began
+    assert report["timeline"]
+    assert all(traffic_began <= sample["at_s"] <= workers["end_at_s"] for sample in report["timeline"])
+    traffic_ended = traffic_began + phases["traffic"]["seconds"]
+    assert traffic_ended <= workers["end_at_s"] + 0.1 <= report["seconds"] + 0.2
     assert report["turns"]["completed"] > 100
     assert report["turns"]["missing_count"] == 0
     sizes = report["store_size"]
