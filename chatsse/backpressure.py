@@ -25,7 +25,7 @@ import httpx
 
 from chatsse.inprocess import InProcessServer
 
-__all__ = ["TCP_STATES", "QueueSample", "StalledReader", "TcpSocket", "tcp_sockets", "transport_buffers"]
+__all__ = ["TCP_STATES", "QueueSample", "StalledReader", "TcpSocket", "tcp_sockets"]
 
 # include/net/tcp_states.h
 TCP_STATES: Final = {
@@ -62,19 +62,6 @@ def tcp_sockets(tables: tuple[str, ...] = ("/proc/net/tcp", "/proc/net/tcp6")) -
                 state = TCP_STATES.get(int(fields[3], 16), fields[3])
                 found.append(TcpSocket(_port(fields[1]), _port(fields[2]), state, send_queue, receive_queue))
     return found
-
-
-def transport_buffers(server: InProcessServer) -> list[int]:
-    """The bytes each open connection's transport holds unsent, in an in-process server (read
-    in the server's own event loop: uvicorn keeps them in its connection set)."""
-    uvicorn_server, loop = server._server, server._loop  # the server's own objects
-    if uvicorn_server is None or loop is None:
-        return []
-
-    async def sizes() -> list[int]:
-        return [c.transport.get_write_buffer_size() for c in uvicorn_server.server_state.connections]
-
-    return asyncio.run_coroutine_threadsafe(sizes(), loop).result(5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,7 +159,7 @@ class StalledReader:
                 health = (await client.get("/health")).json()
                 # The transport first: a connection aborted between the two reads then shows
                 # closed in the kernel too, not open with an empty buffer.
-                transport = None if server is None else sum(transport_buffers(server))
+                transport = None if server is None else sum(server.write_buffers())
                 sample = replace(
                     self.sample(),
                     open_streams=int(health["this_worker"]["open_streams"]),

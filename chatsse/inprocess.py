@@ -127,6 +127,18 @@ class InProcessServer:
         if self.lifecycle is not None and self._loop is not None:
             self._loop.call_soon_threadsafe(self.lifecycle.drain)
 
+    def write_buffers(self) -> list[int]:
+        """The bytes each open connection's transport holds unsent (what the server buffers
+        for a slow reader), read in the server's own event loop; [] when it is not running."""
+        server, loop = self._server, self._loop
+        if server is None or loop is None:
+            return []
+
+        async def sizes() -> list[int]:
+            return [c.transport.get_write_buffer_size() for c in server.server_state.connections]
+
+        return asyncio.run_coroutine_threadsafe(sizes(), loop).result(5)
+
     def stop(self, timeout: float | None = None) -> None:
         """Stop accepting, drain the app's streams (each ends with its last event), stop."""
         server, thread = self._server, self._thread

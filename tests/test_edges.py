@@ -500,17 +500,6 @@ class _Generation:
         return None
 
 
-def _write_buffers(server: InProcessServer) -> list[int]:
-    """The bytes each connection's transport holds unsent, read in the server's own loop."""
-
-    async def sizes() -> list[int]:
-        connections = server._server.server_state.connections  # type: ignore[union-attr]
-        return [c.transport.get_write_buffer_size() for c in connections]
-
-    assert server._loop is not None
-    return asyncio.run_coroutine_threadsafe(sizes(), server._loop).result(5)
-
-
 @pytest.mark.parametrize("path", ["/v1/responses", "/v1/chat/completions"])
 def test_a_stalled_reader_is_cut_within_the_write_timeout_with_its_buffer_bounded(
     serve: Serve, path: str
@@ -528,7 +517,7 @@ def test_a_stalled_reader_is_cut_within_the_write_timeout_with_its_buffer_bounde
 
         def cut() -> bool:
             nonlocal peak
-            peak = max([peak, *_write_buffers(server)])
+            peak = max([peak, *server.write_buffers()])
             return open_streams(server.url) == 0
 
         # The client reads nothing more: the kernel's buffers fill, the transport's buffer
