@@ -615,6 +615,7 @@ class LoadTest:
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._crash: BaseException | None = None
+        self._driving: asyncio.Task[Any] | None = None
 
     def snapshot(self, *, finished: bool = False) -> Progress:
         c = self._counters
@@ -670,26 +671,36 @@ class LoadTest:
             client=(client,),
         )
 
+    def stop(self) -> None:
+        """End the run now, as cancelling it would, keeping its records (from the run's
+        loop; a worker process's answer to its parent). Does nothing outside sending and
+        the drain."""
+        if self._driving is not None:
+            self._driving.cancel()
+
     async def _drive(self, http: aiohttp.ClientSession) -> bool:
         """Start the users and wait for the end; True when the run was cancelled."""
         share = self.part.share
+        self._driving = asyncio.current_task()
+        interrupted = False
         try:
-            if self.config.rate is not None:
-                self._spawn(self._open_loop(http, share.arrivals))
-            else:
-                for slot in share.users:
-                    self._spawn(self._closed_user(http, slot))
-            if not self._tasks:
-                return False  # nothing for this process to send
-            await self._wait_for_end()
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()  # handled here: the run ends and returns its records
-            return True
+            try:
+                if self.config.rate is not None:
+                    self._spawn(self._open_loop(http, share.arrivals))
+                else:
+                    for slot in share.users:
+                        self._spawn(self._closed_user(http, slot))
+                if self._tasks:  # else nothing for this process to send
+                    await self._wait_for_end()
+            except asyncio.CancelledError:
+                if self._driving is not None:
+                    self._driving.uncancel()  # handled here: the run ends and returns its records
+                interrupted = True
+            finally:
+                self._driving = None  # a stop() from now on would cancel the teardown
         finally:
             await self._cancel_all()
-        return False
+        return interrupted
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)

@@ -58,10 +58,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from multiprocessing.connection import Connection
 from time import perf_counter
 from typing import Any
@@ -145,6 +147,34 @@ class SharedIds:
         os.close(self._fd)
 
 
+def _listen(conn: Connection, deliver: Callable[[tuple[str, Any]], None]) -> threading.Thread:
+    """Read ``conn``'s messages in a thread and hand each to ``deliver`` in the running
+    loop's thread; ``("lost", None)`` last, when the other end closes.
+
+    A thread, not the loop's ``add_reader``: uvloop (libuv) makes a watched descriptor
+    non-blocking, and a large pickled result then arrives, or leaves, in pieces that
+    ``Connection`` does not reassemble.
+    """
+    loop = asyncio.get_running_loop()
+
+    def pump() -> None:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                message = ("lost", None)
+            try:
+                loop.call_soon_threadsafe(deliver, message)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                return
+            if message[0] == "lost":
+                return
+
+    thread = threading.Thread(target=pump, name="chatsse-load-listen", daemon=True)
+    thread.start()
+    return thread
+
+
 # --- the worker process ---------------------------------------------------------------------
 
 
@@ -182,20 +212,17 @@ def worker_main() -> None:
 
 async def _work(conn: Connection, job: _Job) -> LoadTestResult | None:
     """The worker's part of the run; None if it was stopped before the start."""
-    loop = asyncio.get_running_loop()
-    main = asyncio.current_task()
-    go: asyncio.Future[float] = loop.create_future()
+    go: asyncio.Future[float] = asyncio.get_running_loop().create_future()
 
-    def receive() -> None:
-        try:
-            kind, value = conn.recv()
-        except (EOFError, OSError):  # the parent is gone
-            kind, value = "stop", None
-            loop.remove_reader(conn.fileno())
+    def receive(message: tuple[str, Any]) -> None:
+        kind, value = message
         if kind == "go" and not go.done():
             go.set_result(value)
-        elif kind == "stop" and main is not None:
-            main.cancel()
+        elif kind in ("stop", "lost"):  # lost: the parent is gone
+            if not go.done():
+                go.cancel()  # before the start: nothing was sent
+            else:
+                test.stop()
 
     async def start(description: dict[str, Any]) -> float:
         conn.send(("ready", description))
@@ -213,13 +240,11 @@ async def _work(conn: Connection, job: _Job) -> LoadTestResult | None:
         progress_interval=job.progress_interval or 0.25,
         part=part,
     )
-    loop.add_reader(conn.fileno(), receive)
+    _listen(conn, receive)
     try:
         return await test.run()
     except asyncio.CancelledError:  # stopped before the start: nothing was sent
         return None
-    finally:
-        loop.remove_reader(conn.fileno())
 
 
 # --- the parent -----------------------------------------------------------------------------
@@ -230,6 +255,7 @@ class _Worker:
     index: int
     process: subprocess.Popen[bytes]
     conn: Connection
+    listener: threading.Thread | None = None
     counts: tuple[int, int, int, int] = (0, 0, 0, 0)  # sent, completed, failed, open
     description: dict[str, Any] | None = None
     result: LoadTestResult | None = None
@@ -247,26 +273,11 @@ class _Coordinator:
     inbox: asyncio.Queue[tuple[_Worker, tuple[str, Any]]] = field(default_factory=asyncio.Queue)
 
     def listen(self) -> None:
-        loop = asyncio.get_running_loop()
         for worker in self.workers:
-            loop.add_reader(worker.conn.fileno(), self._readable(worker))
+            worker.listener = _listen(worker.conn, partial(self._deliver, worker))
 
-    def _readable(self, worker: _Worker) -> Callable[[], None]:
-        def read() -> None:
-            try:
-                message = worker.conn.recv()
-            except (EOFError, OSError):
-                asyncio.get_running_loop().remove_reader(worker.conn.fileno())
-                message = ("lost", None)
-            self.inbox.put_nowait((worker, message))
-
-        return read
-
-    def close(self) -> None:
-        loop = asyncio.get_running_loop()
-        for worker in self.workers:
-            if not worker.conn.closed:
-                loop.remove_reader(worker.conn.fileno())
+    def _deliver(self, worker: _Worker, message: tuple[str, Any]) -> None:
+        self.inbox.put_nowait((worker, message))
 
     async def next(self) -> None:
         """Take one message and apply it to its worker."""
@@ -333,6 +344,8 @@ def _end_workers(workers: list[_Worker]) -> None:
         except subprocess.TimeoutExpired:
             worker.process.kill()
             worker.process.wait()
+        if worker.listener is not None:
+            worker.listener.join(5.0)  # the process is gone: its socket has ended
         worker.conn.close()
 
 
@@ -398,7 +411,6 @@ async def _run(
         if reporter is not None:
             reporter.cancel()
             await asyncio.gather(reporter, return_exceptions=True)
-        coordinator.close()
         await asyncio.to_thread(_end_workers, workers)
     result = _merge(target, config, workers, start, wall_start, interrupted)
     if progress is not None:

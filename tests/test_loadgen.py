@@ -16,9 +16,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from client_targets import BlockingTarget, BrokenTarget
 from conftest import Serve
 from fake_openai import FakeOpenAI
+from load_support import BlockingTarget, BrokenTarget, max_in_flight
 from support import FailingEngine
 
 from chatsse.inprocess import InProcessServer
@@ -41,15 +41,6 @@ from chatsse.loadmetrics import SLO, RequestRecord
 from chatsse.loadtargets import ChatsseTarget, Conversation, OpenAITarget, Target
 
 SLACK = 3.0  # seconds a busy machine may add to a run's end
-
-
-def max_in_flight(records: list[RequestRecord]) -> int:
-    moments = sorted([(r.sent, 1) for r in records] + [(r.end or r.sent, -1) for r in records])
-    level = peak = 0
-    for _, step in moments:
-        level += step
-        peak = max(peak, level)
-    return peak
 
 
 # --- arrival times ------------------------------------------------------------------------

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from client_targets import BrokenTarget
 from conftest import Serve
+from load_support import BrokenTarget, max_in_flight
 from support import wait_for
 
 from chatsse.loadgen import (
@@ -28,16 +28,6 @@ from chatsse.loadgen import (
 from chatsse.loadmetrics import RequestRecord
 from chatsse.loadtargets import ChatsseTarget
 from chatsse.loadworkers import SharedIds, check_clock
-
-
-def max_in_flight(records: list[RequestRecord]) -> int:
-    moments = sorted([(r.sent, 1) for r in records] + [(r.end or r.sent, -1) for r in records])
-    level = peak = 0
-    for _, step in moments:
-        level += step
-        peak = max(peak, level)
-    return peak
-
 
 # --- the plan -----------------------------------------------------------------------------
 
@@ -124,7 +114,9 @@ def test_closed_loop_in_two_processes_keeps_the_bound_and_the_cap(serve: Serve) 
         by_user.setdefault(r.user_id, []).append(r)
     for turns in by_user.values():  # each user's turns in order, in one conversation
         assert [r.turn for r in turns] == list(range(len(turns)))
-    assert sorted(by_user) == list(range(len(by_user)))
+    # At least 15 / 3 conversations. (User ids are unique, not dense: a conversation that
+    # was still waiting for a slot when the bound was reached took an id and sent nothing.)
+    assert len(by_user) >= 5
 
 
 def test_a_split_result_saves_and_loads_like_any_other(serve: Serve, tmp_path: Path) -> None:

@@ -1,12 +1,24 @@
-"""Load-client targets that misbehave on purpose, in a module of their own so that the
-worker processes of a split run (``processes > 1``) can import them."""
+"""Helpers for the load client's tests: targets that misbehave on purpose, in a module of
+their own so that the worker processes of a split run (``processes > 1``) can import them,
+and what a run's records say about it."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
+from chatsse.loadmetrics import RequestRecord
 from chatsse.loadtargets import ChatsseTarget
+
+
+def max_in_flight(records: list[RequestRecord]) -> int:
+    """The most requests that were open at once."""
+    moments = sorted([(r.sent, 1) for r in records] + [(r.end or r.sent, -1) for r in records])
+    level = peak = 0
+    for _, step in moments:
+        level += step
+        peak = max(peak, level)
+    return peak
 
 
 class BrokenTarget(ChatsseTarget):
