@@ -539,5 +539,5 @@ def format_sweep(results: Sequence[LoadTestResult], slo: SLO | None = None) -> s
             f"{s.request_throughput:>8.2f}{s.output_token_throughput:>9.1f}{s.goodput:>9.2f}"
             f"{p(s.ttft, 'p50'):>10}{p(s.ttft, 'p95'):>10}{p(s.itl, 'p95'):>9}{p(s.e2e, 'p95'):>10}"
         )
-    lines.append("latencies in ms; goodput in requests/s within the SLO")
+    lines.append("latencies in ms; rates over each run's sending window; goodput: requests/s within the SLO")
     return "\n".join(lines)
