@@ -316,24 +316,31 @@ def _start_workers(
     request_ids, user_ids = SharedIds(ids_path, 0, config.requests), SharedIds(ids_path, 1)
     # The workers find what this process imports, from where it imports it.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p or os.getcwd() for p in sys.path)}
-    workers = []
-    for share in split_run(config):
-        job = pickle.dumps(_Job(target, config, share, request_ids, user_ids, progress_interval))
-        ours, theirs = socket.socketpair()
-        with ours, theirs:
-            process = subprocess.Popen(
-                [sys.executable, "-c", _WORKER, str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                env=env,
-                start_new_session=True,  # a terminal's Ctrl-C reaches the parent only
-            )
-            conn = Connection(ours.detach())
-        workers.append(_Worker(share.index, process, conn))
-        conn.send_bytes(job)
-    request_ids.close()
-    user_ids.close()
+    workers: list[_Worker] = []
+    try:
+        for share in split_run(config):
+            job = pickle.dumps(_Job(target, config, share, request_ids, user_ids, progress_interval))
+            ours, theirs = socket.socketpair()
+            with ours, theirs:
+                process = subprocess.Popen(
+                    [sys.executable, "-c", _WORKER, str(theirs.fileno())],
+                    pass_fds=(theirs.fileno(),),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    env=env,
+                    start_new_session=True,  # a terminal's Ctrl-C reaches the parent only
+                )
+                conn = Connection(ours.detach())
+            workers.append(_Worker(share.index, process, conn))
+            conn.send_bytes(job)
+    except BaseException:
+        for worker in workers:  # none of them will get a start time
+            worker.process.kill()
+        _end_workers(workers)
+        raise
+    finally:
+        request_ids.close()
+        user_ids.close()
     return workers
 
 
