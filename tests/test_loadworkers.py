@@ -84,7 +84,7 @@ def test_only_a_machine_wide_clock_splits_a_run(monkeypatch: pytest.MonkeyPatch)
 # --- split runs against a server -----------------------------------------------------------
 
 
-def test_open_loop_in_two_processes_sends_each_intended_start_once(serve: Serve) -> None:
+def test_open_loop_in_two_processes_sends_each_intended_start_once(serve: Serve, tmp_path: Path) -> None:
     server = serve(sim_ttft_ms=5)
     config = LoadConfig(requests=20, rate=40, arrival="constant", processes=2)
     result = run_load_test(ChatsseTarget(server.url), config)
@@ -98,6 +98,12 @@ def test_open_loop_in_two_processes_sends_each_intended_start_once(serve: Serve)
     assert len({c.pid for c in result.client} | {os.getpid()}) == 3  # two other processes
     assert result.summary().completed == 20
     assert result.end >= max(r.end or 0 for r in records)
+    path = tmp_path / "split.json"  # one result, like any other
+    result.save(path)
+    loaded = LoadTestResult.load(path)
+    assert loaded == result
+    assert [c.index for c in loaded.client] == [0, 1]
+    assert loaded.summary() == result.summary()
 
 
 def test_closed_loop_in_two_processes_keeps_the_bound_and_the_cap(serve: Serve) -> None:
@@ -117,17 +123,6 @@ def test_closed_loop_in_two_processes_keeps_the_bound_and_the_cap(serve: Serve) 
     # At least 15 / 3 conversations. (User ids are unique, not dense: a conversation that
     # was still waiting for a slot when the bound was reached took an id and sent nothing.)
     assert len(by_user) >= 5
-
-
-def test_a_split_result_saves_and_loads_like_any_other(serve: Serve, tmp_path: Path) -> None:
-    server = serve()
-    result = run_load_test(ChatsseTarget(server.url), LoadConfig(requests=6, rate=50, processes=2))
-    path = tmp_path / "split.json"
-    result.save(path)
-    loaded = LoadTestResult.load(path)
-    assert loaded == result
-    assert [c.index for c in loaded.client] == [0, 1]
-    assert loaded.summary() == result.summary()
 
 
 def test_progress_adds_up_the_processes(serve: Serve) -> None:
