@@ -104,6 +104,7 @@ bench: $(STAMP) ## chatsse vs reference SSE servers over sockets; the OpenAI fro
 	$(BIN)/python scripts/bench_server.py --output build/bench.json
 	$(BIN)/python scripts/bench_openai.py --output build/bench_openai.json
 	$(BIN)/python scripts/bench_resume.py --output build/bench_resume.json
+	$(BIN)/python scripts/bench_loadclient.py --output build/bench_loadclient.json
 
 bench-asgi: $(STAMP) ## per-event CPU of the response machinery alone, in-process (no sockets)
 	$(BIN)/python scripts/bench_sse.py

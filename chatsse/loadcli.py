@@ -2,7 +2,9 @@
 
 A thin front over :mod:`chatsse.loadgen`: it builds a target and a configuration from
 the flags, shows a progress line on stderr while the run goes, and prints a summary
-table on stdout. ``scripts/run_load_test.py`` calls :func:`main` with the same flags.
+table on stdout, with a warning when the client itself was the bottleneck
+(:mod:`chatsse.loadhealth`). ``scripts/run_load_test.py`` calls :func:`main` with the
+same flags.
 
 Exit codes: 0 done; 1 the error rate was above ``--max-error-rate``, the single
 ``--simple`` request failed, or the target could not be used; 2 invalid options;
@@ -28,8 +30,10 @@ from chatsse.loadgen import (
     run_sweep,
     save_sweep,
 )
+from chatsse.loadhealth import CPU_SHARE_LIMIT, LAG_P99_LIMIT
 from chatsse.loadmetrics import SLO, Stats
 from chatsse.loadtargets import ChatsseTarget, OpenAITarget, ResponsesTarget, Target, TargetError
+from chatsse.vllmresults import save_vllm_results
 
 __all__ = [
     "ProgressLine",
@@ -122,6 +126,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     shape.add_argument("--multi-turn", type=int, default=1, metavar="K", help="turns per user conversation")
     shape.add_argument("--think-time", type=float, default=0.0, help="seconds between a user's turns")
     shape.add_argument("--seed", type=int, default=0, help="seed of the arrival times")
+    shape.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="client processes to run the load in (default 1): the arrivals or users, and "
+        "--max-concurrency, are split between them; see README",
+    )
     shape.add_argument("--sweep-rates", type=_floats, metavar="R1,R2,...", help="one open-loop run per rate")
     shape.add_argument(
         "--sweep-concurrency", type=_ints, metavar="C1,C2,...", help="one closed-loop run per concurrency"
@@ -161,6 +173,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     report.add_argument("--slo-tpot-ms", type=float, help="goodput: TPOT threshold (ms)")
     report.add_argument("--slo-e2e-ms", type=float, help="goodput: end-to-end latency threshold (ms)")
     report.add_argument("--output", help="save the results as JSON")
+    report.add_argument(
+        "--save-detailed",
+        metavar="PATH",
+        help="save the results as vllm bench serve --save-result --save-detailed does (its keys, "
+        "per-request arrays, the replies' text); a sweep writes one JSON object per line",
+    )
     report.add_argument("--plot", help="save plots as one self-contained HTML file")
     report.add_argument(
         "--max-error-rate", type=float, help="exit 1 when failed/sent is above this (0-1), for CI"
@@ -200,14 +218,14 @@ def _slo(args: argparse.Namespace) -> SLO | None:
 
 
 def _target(args: argparse.Namespace) -> Target:
+    # --save-detailed writes the replies (vLLM's generated_texts): collect them.
+    collect = bool(args.check_content or args.save_detailed)
     if args.openai:
-        return OpenAITarget(args.url, model=args.model, max_tokens=args.max_tokens)
+        return OpenAITarget(args.url, model=args.model, max_tokens=args.max_tokens, collect_text=collect)
     if args.responses:
-        return ResponsesTarget(
-            args.url, model=args.model, max_tokens=args.max_tokens, collect_text=args.check_content
-        )
+        return ResponsesTarget(args.url, model=args.model, max_tokens=args.max_tokens, collect_text=collect)
     return ChatsseTarget(
-        args.url, max_tokens=args.max_tokens, collect_text=args.check_content, drop_fraction=args.drop_resume
+        args.url, max_tokens=args.max_tokens, collect_text=collect, drop_fraction=args.drop_resume
     )
 
 
@@ -231,6 +249,7 @@ def _config(args: argparse.Namespace) -> LoadConfig:
         seed=args.seed,
         messages=tuple(args.message) if args.message else DEFAULT_MESSAGES,
         slo=_slo(args),
+        processes=args.processes,
     )
 
 
@@ -322,6 +341,9 @@ def _write_outputs(args: argparse.Namespace, results: list[LoadTestResult]) -> N
         else:
             save_sweep(results, args.output)
         print(f"results saved to {args.output}")
+    if args.save_detailed:
+        save_vllm_results(results, args.save_detailed)
+        print(f"vLLM-style results saved to {args.save_detailed}")
     if args.plot:
         from chatsse import plots
 
@@ -394,9 +416,13 @@ def _ms(value: float | None) -> str:
 
 
 def format_summary(result: LoadTestResult, slo: SLO | None = None) -> str:
-    """A plain-text report of one run (the configuration's SLO unless ``slo`` is given)."""
+    """A plain-text report of one run (the configuration's SLO unless ``slo`` is given).
+
+    Rows that would repeat others by construction are left out: intended E2E and lateness
+    when every request went at its intended start, slot wait and goodput from send when no
+    request waited for a slot.
+    """
     s = result.summary(slo)
-    used_slo = s.slo
     sent = len(result.records)
     lines = [f"{' ' + result.config.label + ' ':=^78}"]
 
@@ -407,7 +433,10 @@ def format_summary(result: LoadTestResult, slo: SLO | None = None) -> str:
     model = f" (model {target['model']})" if target.get("model") else ""
     row("target", f"{target['protocol']} {target['url']}{model}")
     row("load", result.config.describe())
-    row("duration", f"{result.duration:.2f} s" + ("  (interrupted)" if result.interrupted else ""))
+    duration = f"{result.duration:.2f} s"
+    if result.window < result.duration - 0.005:
+        duration += f" (sending {result.window:.2f} s, then {result.duration - result.window:.2f} s of drain)"
+    row("duration", duration + ("  (interrupted)" if result.interrupted else ""))
     failed_share = f" ({s.failed / sent:.1%})" if sent else ""
     row("requests", f"{sent} sent, {s.completed} completed, {s.failed} failed{failed_share}")
     if result.unsent:
@@ -419,19 +448,16 @@ def format_summary(result: LoadTestResult, slo: SLO | None = None) -> str:
         f"{s.request_throughput:.2f} req/s, {s.output_token_throughput:.1f} tokens/s, "
         f"{s.event_throughput:.1f} events/s",
     )
-    good = "-" if s.good_fraction is None else f"{s.good_fraction:.1%}"
-    goodput = f"{s.goodput:.2f} req/s, {good} of requests good"
-    if used_slo is not None:
-        limits = [
-            f"{name} <= {limit * 1000:g} ms"
-            for name, limit in (("TTFT", used_slo.ttft), ("TPOT", used_slo.tpot), ("E2E", used_slo.e2e))
-            if limit is not None
-        ]
-        goodput += f" (SLO: {', '.join(limits)})"
-    row("goodput", goodput)
+    if s.drained:
+        row("", f"(over the {s.duration:.2f} s window; {s.drained} completed in the drain, not counted)")
+    row("goodput", _goodput(s.goodput, s.good_fraction, s.slo))
+    if s.slot_wait is not None:
+        row("", "(slot waits counted: a request is good if it met the SLO from when it was due)")
+        row("goodput (send)", _goodput(s.goodput_from_send, s.good_fraction_from_send, s.slo) + ", from send")
     row("tokens", f"{s.total_input_tokens} in, {s.total_output_tokens} out, {s.total_events} events")
     if s.resumed:
         row("resumed", f"{s.resumed} completed requests were dropped mid-stream and resumed")
+    row("client", _client(result))
     lines.append(
         f"{'latency (ms)':<16}" + "".join(f"{h:>10}" for h in ("mean", "p50", "p90", "p95", "p99", "max"))
     )
@@ -440,9 +466,11 @@ def format_summary(result: LoadTestResult, slo: SLO | None = None) -> str:
         ("TPOT", s.tpot),
         ("ITL", s.itl),
         ("E2E", s.e2e),
-        ("E2E (intended)", s.e2e_intended),
-        ("lateness", s.lateness),
     ]
+    if s.lateness is not None:  # else every request went at its intended start
+        series += [("E2E (intended)", s.e2e_intended), ("lateness", s.lateness)]
+    if s.slot_wait is not None:
+        series.append(("slot wait", s.slot_wait))
     if s.resume is not None:  # streams were dropped and resumed (--drop-resume)
         series.append(("resume", s.resume))
     for name, stats in series:
@@ -451,7 +479,46 @@ def format_summary(result: LoadTestResult, slo: SLO | None = None) -> str:
             continue
         values = (stats.mean, stats.p50, stats.p90, stats.p95, stats.p99, stats.max)
         lines.append(f"{name:<16}" + "".join(f"{_ms(v):>10}" for v in values))
+    warnings = result.client_warnings()
+    if warnings:
+        lines.append(
+            "WARNING: the load client was a bottleneck; its latencies include its own delays: "
+            + "; ".join(warnings)
+            + f". (Limits: event-loop lag p99 {LAG_P99_LIMIT * 1000:g} ms, a token gap of a fast server; "
+            f"CPU {CPU_SHARE_LIMIT:.0%} of a core, where a single-threaded loop queues.) "
+            "Use more --processes, fewer streams, or a bigger client machine."
+        )
     return "\n".join(lines)
+
+
+def _goodput(goodput: float, fraction: float | None, slo: SLO | None) -> str:
+    good = "-" if fraction is None else f"{fraction:.1%}"
+    text = f"{goodput:.2f} req/s, {good} of requests good"
+    if slo is not None:
+        limits = [
+            f"{name} <= {limit * 1000:g} ms"
+            for name, limit in (("TTFT", slo.ttft), ("TPOT", slo.tpot), ("E2E", slo.e2e))
+            if limit is not None
+        ]
+        text += f" (SLO: {', '.join(limits)})"
+    return text
+
+
+def _client(result: LoadTestResult) -> str:
+    """Each client process's CPU share and event-loop lag, ``/``-separated."""
+    client = result.client
+    if not client:
+        return "-"
+
+    def each(values: list[str]) -> str:
+        return " / ".join(values)
+
+    count = f"{len(client)} process{'es' if len(client) > 1 else ''}"
+    return (
+        f"{count}: {each([f'{c.cpu_share:.0%}' for c in client])} of a core, event-loop lag p99 "
+        f"{each([f'{c.loop_lag_p99 * 1000:.1f}' for c in client])} ms, "
+        f"max {each([f'{c.loop_lag_max * 1000:.1f}' for c in client])} ms"
+    )
 
 
 def format_sweep(results: Sequence[LoadTestResult], slo: SLO | None = None) -> str:
@@ -472,5 +539,5 @@ def format_sweep(results: Sequence[LoadTestResult], slo: SLO | None = None) -> s
             f"{s.request_throughput:>8.2f}{s.output_token_throughput:>9.1f}{s.goodput:>9.2f}"
             f"{p(s.ttft, 'p50'):>10}{p(s.ttft, 'p95'):>10}{p(s.itl, 'p95'):>9}{p(s.e2e, 'p95'):>10}"
         )
-    lines.append("latencies in ms; goodput in requests/s within the SLO")
+    lines.append("latencies in ms; rates over each run's sending window; goodput: requests/s within the SLO")
     return "\n".join(lines)

@@ -11,7 +11,11 @@
   With ``ramp_up``, the rate grows linearly from 0 over that many seconds.
 - **Multi-turn users** (``turns`` > 1): each user holds one conversation of ``turns``
   turns, ``think_time`` seconds apart (from the end of one reply to the next send, which
-  is that turn's intended start).
+  is that turn's intended start). A turn with nothing to wait for is due when it asks
+  for a slot, so a slot wait is recorded for every turn (``RequestRecord.slot_wait``).
+- **Client processes** (``processes`` > 1): the run is split over that many worker
+  processes (:mod:`chatsse.loadworkers` says how) and merged into one result;
+  ``processes=1`` runs in this process and event loop.
 
 Every run is bounded by ``requests`` (turns sent) and/or ``duration``. At the end of
 ``duration`` no new request is sent; requests in flight get ``drain_timeout`` seconds,
@@ -19,7 +23,9 @@ then are cancelled and recorded as ``cancelled``. Cancelling a run (Ctrl-C in a 
 an interrupt or a timeout in a notebook) stops it the same way and returns what was
 recorded so far, with ``interrupted=True``.
 
-All times are ``time.perf_counter()`` seconds, the clock the records use.
+All times are ``time.perf_counter()`` seconds, the clock the records use. Every run
+measures its own client (:mod:`chatsse.loadhealth`): event-loop lag and CPU share per
+process, in ``LoadTestResult.client``.
 
 The client's garbage collector is paused while a run is in flight (:func:`_gc_paused`):
 with thousands of open streams a collection stops the event loop for tens of
@@ -35,27 +41,33 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import aiohttp
 
+from chatsse.loadhealth import ClientProcess, LoopWatch, saturation_warnings
 from chatsse.loadmetrics import SLO, RequestRecord, Summary, summarize
 from chatsse.loadtargets import Conversation, Target, TextCallback
+from chatsse.vllmresults import save_vllm_results, vllm_result
 
 if TYPE_CHECKING:
     import pandas as pd
 
 __all__ = [
     "Arrival",
+    "IdSource",
+    "Ids",
     "LoadConfig",
     "LoadTest",
     "LoadTestResult",
     "Progress",
+    "RunPart",
+    "Share",
     "arrival_times",
     "arun_load_test",
     "arun_single_request",
@@ -64,7 +76,9 @@ __all__ = [
     "run_load_test",
     "run_single_request",
     "run_sweep",
+    "runner",
     "save_sweep",
+    "split_run",
     "sweep_configs",
 ]
 
@@ -146,7 +160,8 @@ class LoadConfig:
     ``requests`` counts turns; ``timeout`` bounds each request (``None``: no limit);
     ``max_concurrency`` caps requests in flight in either loop; ``seed`` fixes the
     arrival times; request ``k`` sends ``messages[k % len(messages)]``; ``slo`` is the
-    default for :meth:`LoadTestResult.summary`.
+    default for :meth:`LoadTestResult.summary`; ``processes`` is the number of client
+    processes (1: this one; see :mod:`chatsse.loadworkers`).
     """
 
     requests: int | None = None
@@ -164,6 +179,7 @@ class LoadConfig:
     seed: int = 0
     messages: tuple[str, ...] = DEFAULT_MESSAGES
     slo: SLO | None = None
+    processes: int = 1
 
     def __post_init__(self) -> None:
         if self.requests is None and self.duration is None:
@@ -186,6 +202,15 @@ class LoadConfig:
             (self.timeout is None or self.timeout > 0, "timeout must be positive"),
             (self.drain_timeout >= 0, "drain_timeout must not be negative"),
             (len(self.messages) >= 1, "messages must not be empty"),
+            (self.processes >= 1, "processes must be at least 1"),
+            (
+                self.rate is not None or self.concurrency >= self.processes,
+                "a closed loop needs at least one user per process: concurrency >= processes",
+            ),
+            (
+                self.max_concurrency is None or self.max_concurrency >= self.processes,
+                "max_concurrency is split over the processes: it must be >= processes",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -222,6 +247,8 @@ class LoadConfig:
         if self.duration is not None:
             bounds.append(f"{self.duration:g} s")
         parts.append("until " + " or ".join(bounds))
+        if self.processes > 1:
+            parts.append(f"{self.processes} client processes")
         return ", ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
@@ -238,12 +265,107 @@ class LoadConfig:
         return cls(**values)
 
 
+@dataclass(frozen=True, slots=True)
+class Share:
+    """What one client process sends: its open-loop arrivals (offsets from the start), or
+    its closed-loop users (indices among ``concurrency``), and its concurrency slots."""
+
+    index: int
+    arrivals: tuple[float, ...]
+    users: tuple[int, ...]
+    max_concurrency: int | None
+
+
+def split_run(config: LoadConfig) -> list[Share]:
+    """The run's plan, dealt out over ``config.processes`` processes.
+
+    Arrival ``i`` of the seeded schedule (drawn once, here) and closed-loop user ``i`` go
+    to process ``i % processes``; ``max_concurrency`` is split exactly (the first
+    ``max_concurrency % processes`` processes get one slot more).
+    """
+    n = config.processes
+    arrivals: list[float] = []
+    if config.rate is not None:
+        arrivals = arrival_times(
+            config.rate,
+            count=None if config.requests is None else math.ceil(config.requests / config.turns),
+            horizon=config.duration,
+            arrival=config.arrival,
+            burstiness=config.burstiness,
+            ramp_up=config.ramp_up,
+            seed=config.seed,
+        )
+    users = range(config.concurrency) if config.rate is None else range(0)
+    cap = config.max_concurrency
+    return [
+        Share(
+            index=k,
+            arrivals=tuple(arrivals[k::n]),
+            users=tuple(users[k::n]),
+            max_concurrency=None if cap is None else cap // n + (1 if k < cap % n else 0),
+        )
+        for k in range(n)
+    ]
+
+
+class IdSource(Protocol):
+    """Hands out ids 0, 1, 2, ... over the whole run (every process of it)."""
+
+    def take(self) -> int | None:
+        """The next id, or None once ``limit`` ids were handed out."""
+
+    @property
+    def exhausted(self) -> bool: ...
+
+
+class Ids:
+    """An :class:`IdSource` for one process: a counter with an optional limit."""
+
+    __slots__ = ("limit", "next")
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit
+        self.next = 0
+
+    def take(self) -> int | None:
+        if self.limit is not None and self.next >= self.limit:
+            return None
+        self.next += 1
+        return self.next - 1
+
+    @property
+    def exhausted(self) -> bool:
+        return self.limit is not None and self.next >= self.limit
+
+
+async def _start_now(target: dict[str, Any]) -> float:
+    return perf_counter()
+
+
+@dataclass(frozen=True, slots=True)
+class RunPart:
+    """One process's part of a run: its share of the plan, the run-wide ids (request ids
+    count turns, so their limit is ``requests``), and ``start``, awaited with the prepared
+    target's description, which returns the run's common start time."""
+
+    share: Share
+    request_ids: IdSource
+    user_ids: IdSource
+    start: Callable[[dict[str, Any]], Awaitable[float]] = _start_now
+
+    @classmethod
+    def whole(cls, config: LoadConfig) -> RunPart:
+        """The whole run in this process."""
+        (share,) = split_run(replace(config, processes=1))
+        return cls(share, Ids(config.requests), Ids())
+
+
 _RECORD_FIELDS = tuple(f.name for f in fields(RequestRecord))
 
 DATAFRAME_COLUMNS = (
     "request_id", "user_id", "turn", "intended_start", "sent", "headers_at", "first_token_at", "end",
-    "ttft", "tpot", "e2e", "e2e_intended", "lateness", "itl_max", "events", "tokens", "prompt_tokens",
-    "bytes_received", "status", "error", "ok",
+    "ttft", "tpot", "e2e", "e2e_intended", "lateness", "slot_wait", "itl_max", "events", "tokens",
+    "prompt_tokens", "bytes_received", "status", "error", "ok",
 )  # fmt: skip
 
 
@@ -254,6 +376,7 @@ class LoadTestResult:
     ``start``/``end`` are on the records' clock (``perf_counter``); ``wall_start`` is the
     Unix time of ``start``. ``unsent`` counts requests that were due before the end of
     ``duration`` but still waited for a ``max_concurrency`` slot when sending stopped.
+    ``client`` holds each client process's self-check (:mod:`chatsse.loadhealth`).
     """
 
     config: LoadConfig
@@ -264,10 +387,25 @@ class LoadTestResult:
     wall_start: float
     interrupted: bool = False
     unsent: int = 0
+    client: tuple[ClientProcess, ...] = ()
 
     @property
     def duration(self) -> float:
+        """The whole run, drain included."""
         return self.end - self.start
+
+    @property
+    def window(self) -> float:
+        """The sending window the rates divide by: from the start to the end of the
+        ``duration`` bound, or to the run's end if that came first (see
+        :mod:`chatsse.loadmetrics`)."""
+        if self.config.duration is None:
+            return self.duration
+        return min(self.end, self.start + self.config.duration) - self.start
+
+    def client_warnings(self) -> list[str]:
+        """Why the client itself may have been the bottleneck; empty when it kept up."""
+        return saturation_warnings(self.client)
 
     @property
     def error_rate(self) -> float:
@@ -278,8 +416,12 @@ class LoadTestResult:
 
     def summary(self, slo: SLO | None = None) -> Summary:
         """Metrics of the run; ``slo`` defaults to the configuration's."""
+        window = self.window
         return summarize(
-            self.records, duration=max(self.duration, 1e-9), slo=slo if slo is not None else self.config.slo
+            self.records,
+            duration=max(window, 1e-9),
+            slo=slo if slo is not None else self.config.slo,
+            until=self.start + window,
         )
 
     def to_dataframe(self) -> pd.DataFrame:
@@ -309,6 +451,7 @@ class LoadTestResult:
                 "e2e": value(r.e2e),
                 "e2e_intended": value(r.e2e_intended),
                 "lateness": r.lateness,
+                "slot_wait": r.slot_wait,
                 "itl_max": max(r.itls, default=math.nan),
                 "events": r.events,
                 "tokens": r.tokens,
@@ -339,6 +482,7 @@ class LoadTestResult:
             "wall_start": self.wall_start,
             "interrupted": self.interrupted,
             "unsent": self.unsent,
+            "client": [c.to_dict() for c in self.client],
             **summary,
             "ttfts": [r.ttft for r in records],
             "itls": [r.itls for r in records],
@@ -354,7 +498,8 @@ class LoadTestResult:
             raise ValueError(f"not a {RESULT_FORMAT} file (format {data.get('format')!r})")
         columns = data["requests"]
         count = len(columns["request_id"])
-        records = [RequestRecord(**{name: columns[name][i] for name in _RECORD_FIELDS}) for i in range(count)]
+        present = [name for name in _RECORD_FIELDS if name in columns]  # older files lack newer fields
+        records = [RequestRecord(**{name: columns[name][i] for name in present}) for i in range(count)]
         return cls(
             config=LoadConfig.from_dict(data["config"]),
             target=data["target"],
@@ -364,6 +509,7 @@ class LoadTestResult:
             wall_start=data["wall_start"],
             interrupted=data["interrupted"],
             unsent=data["unsent"],
+            client=tuple(ClientProcess.from_dict(c) for c in data.get("client", ())),
         )
 
     def save(self, path: str | Path) -> None:
@@ -372,6 +518,15 @@ class LoadTestResult:
     @classmethod
     def load(cls, path: str | Path) -> LoadTestResult:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def to_vllm_dict(self, slo: SLO | None = None) -> dict[str, Any]:
+        """The run in the layout of ``vllm bench serve --save-result --save-detailed``
+        (:mod:`chatsse.vllmresults`)."""
+        return vllm_result(self, slo)
+
+    def save_detailed(self, path: str | Path, slo: SLO | None = None) -> None:
+        """Write :meth:`to_vllm_dict` as JSON, to compare with ``vllm bench serve`` output."""
+        save_vllm_results([self], path, slo)
 
 
 @dataclass(frozen=True, slots=True)
@@ -427,13 +582,13 @@ class _Counters:
     failed: int = 0
     open_streams: int = 0
     unsent: int = 0
-    next_request_id: int = 0
-    next_user_id: int = 0
 
 
 class LoadTest:
     """One run of ``config`` against ``target``: ``result = await LoadTest(target, config).run()``.
 
+    It runs in this process and event loop (``config.processes`` is for
+    :func:`arun_load_test`); a worker process passes its ``part`` of a split run.
     ``records`` fills as requests are sent, so it can be read during the run.
     """
 
@@ -444,21 +599,23 @@ class LoadTest:
         *,
         progress: ProgressCallback | None = None,
         progress_interval: float = 0.25,
+        part: RunPart | None = None,
     ) -> None:
         self.target = target
         self.config = config
         self.progress = progress
         self.progress_interval = progress_interval
+        self.part = part if part is not None else RunPart.whole(config)
         self.records: list[RequestRecord] = []
         self.start = 0.0
         self._started = False
         self._counters = _Counters()
-        self._budget: float = math.inf
         self._stop_at = math.inf
         self._cap: asyncio.Semaphore | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._crash: BaseException | None = None
+        self._driving: asyncio.Task[Any] | None = None
 
     def snapshot(self, *, finished: bool = False) -> Progress:
         c = self._counters
@@ -476,22 +633,25 @@ class LoadTest:
         if self._started:
             raise RuntimeError("a LoadTest runs once")
         self._started = True
-        cfg = self.config
+        cfg, part = self.config, self.part
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=None)
         ) as http:
             await self.target.prepare(http)
-            self._budget = math.inf if cfg.requests is None else cfg.requests
-            if cfg.max_concurrency is not None:
-                self._cap = asyncio.Semaphore(cfg.max_concurrency)
-            wall_start = time.time()
-            self.start = perf_counter()
+            if part.share.max_concurrency is not None:
+                self._cap = asyncio.Semaphore(part.share.max_concurrency)
+            self.start = await part.start(self.target.describe())
+            await _sleep_until(self.start)
+            wall_start = time.time() - (perf_counter() - self.start)
             self._stop_at = math.inf if cfg.duration is None else self.start + cfg.duration
+            watch = LoopWatch()
+            watch.start()
             reporter = None if self.progress is None else asyncio.create_task(self._report(self.progress))
             with _gc_paused():
                 interrupted = await self._drive(http)
             end = perf_counter()
+            client = await watch.stop(part.share.index)
             if reporter is not None:
                 reporter.cancel()
                 await asyncio.gather(reporter, return_exceptions=True)
@@ -508,35 +668,39 @@ class LoadTest:
             wall_start=wall_start,
             interrupted=interrupted,
             unsent=self._counters.unsent,
+            client=(client,),
         )
+
+    def stop(self) -> None:
+        """End the run now, as cancelling it would, keeping its records (from the run's
+        loop; a worker process's answer to its parent). Does nothing outside sending and
+        the drain."""
+        if self._driving is not None:
+            self._driving.cancel()
 
     async def _drive(self, http: aiohttp.ClientSession) -> bool:
         """Start the users and wait for the end; True when the run was cancelled."""
-        cfg = self.config
+        share = self.part.share
+        self._driving = asyncio.current_task()
+        interrupted = False
         try:
-            if cfg.rate is not None:
-                arrivals = arrival_times(
-                    cfg.rate,
-                    count=None if cfg.requests is None else math.ceil(cfg.requests / cfg.turns),
-                    horizon=cfg.duration,
-                    arrival=cfg.arrival,
-                    burstiness=cfg.burstiness,
-                    ramp_up=cfg.ramp_up,
-                    seed=cfg.seed,
-                )
-                self._spawn(self._open_loop(http, arrivals))
-            else:
-                for slot in range(cfg.concurrency):
-                    self._spawn(self._closed_user(http, slot))
-            await self._wait_for_end()
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()  # handled here: the run ends and returns its records
-            return True
+            try:
+                if self.config.rate is not None:
+                    self._spawn(self._open_loop(http, share.arrivals))
+                else:
+                    for slot in share.users:
+                        self._spawn(self._closed_user(http, slot))
+                if self._tasks:  # else nothing for this process to send
+                    await self._wait_for_end()
+            except asyncio.CancelledError:
+                if self._driving is not None:
+                    self._driving.uncancel()  # handled here: the run ends and returns its records
+                interrupted = True
+            finally:
+                self._driving = None  # a stop() from now on would cancel the teardown
         finally:
             await self._cancel_all()
-        return False
+        return interrupted
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -554,9 +718,13 @@ class LoadTest:
 
     async def _wait_for_end(self) -> None:
         drain_deadline = self._stop_at + self.config.drain_timeout
-        timeout = None if math.isinf(drain_deadline) else max(0.0, drain_deadline - perf_counter())
-        with suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), timeout)
+        # As in _sleep_until: a timer may fire early, so the drain is never cut short.
+        while not self._idle.is_set():
+            timeout = None if math.isinf(drain_deadline) else drain_deadline - perf_counter()
+            if timeout is not None and timeout <= 0:
+                return
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout)
 
     async def _cancel_all(self) -> None:
         while self._tasks:
@@ -573,9 +741,23 @@ class LoadTest:
     def _new_user_id(self) -> int:
         if self.config.turns == 1:
             return 0
-        c = self._counters
-        c.next_user_id += 1
-        return c.next_user_id - 1
+        user_id = self.part.user_ids.take()
+        assert user_id is not None  # user ids have no limit
+        return user_id
+
+    async def _slot(self, cap: asyncio.Semaphore) -> tuple[float, float]:
+        """Take a concurrency slot: (when it was asked for, when it was acquired)."""
+        if not cap.locked():
+            await cap.acquire()  # free: returns at once, without a clock read for the wait
+            now = perf_counter()
+            return now, now
+        asked = perf_counter()
+        try:
+            await cap.acquire()
+        except asyncio.CancelledError:
+            self._counters.unsent += 1
+            raise
+        return asked, perf_counter()
 
     async def _send(
         self,
@@ -585,32 +767,33 @@ class LoadTest:
         turn: int,
         intended: float | None,
     ) -> RequestRecord | None:
-        """Send one turn when a slot is free; ``None`` once the run sends no more."""
+        """Send one turn when a slot is free; ``None`` once the run sends no more.
+
+        A turn without a scheduled time (``intended=None``) is due when it asks for a slot.
+        """
         cap, c = self._cap, self._counters
-        if cap is not None:
-            try:
-                await cap.acquire()
-            except asyncio.CancelledError:
-                c.unsent += 1
-                raise
+        if cap is None:
+            asked = now = perf_counter()
+        else:
+            asked, now = await self._slot(cap)
         try:
-            now = perf_counter()
-            if now >= self._stop_at or self._budget <= 0:
-                if intended is not None and intended < self._stop_at <= now:
+            due = asked if intended is None else intended
+            request_id = None if now >= self._stop_at else self.part.request_ids.take()
+            if request_id is None:
+                if due < self._stop_at <= now:
                     c.unsent += 1
                 return None
-            self._budget -= 1
             cfg = self.config
             record = RequestRecord(
-                request_id=c.next_request_id,
+                request_id=request_id,
                 user_id=user_id,
                 turn=turn,
-                intended_start=now if intended is None else intended,
+                intended_start=due,
                 sent=now,
+                slot_wait=now - asked,
             )
-            c.next_request_id += 1
             self.records.append(record)
-            message = cfg.messages[record.request_id % len(cfg.messages)]
+            message = cfg.messages[request_id % len(cfg.messages)]
             c.open_streams += 1
             try:
                 await self.target.request(http, conversation, message, record, time_limit=cfg.timeout)
@@ -658,7 +841,7 @@ class LoadTest:
     async def _open_loop(self, http: aiohttp.ClientSession, arrivals: Sequence[float]) -> None:
         for offset in arrivals:
             at = self.start + offset
-            if at >= self._stop_at or self._budget <= 0:
+            if at >= self._stop_at or self.part.request_ids.exhausted:
                 return
             await _sleep_until(at)
             self._spawn(self._conversation_task(http, at))
@@ -674,7 +857,12 @@ async def arun_load_test(
     progress: ProgressCallback | None = None,
     progress_interval: float = 0.25,
 ) -> LoadTestResult:
-    """Run one load test inside the running event loop (notebooks: ``await`` it)."""
+    """Run one load test inside the running event loop (notebooks: ``await`` it); with
+    ``config.processes > 1`` in that many worker processes (:mod:`chatsse.loadworkers`)."""
+    if config.processes > 1:
+        from chatsse.loadworkers import arun_in_processes  # it imports this module
+
+        return await arun_in_processes(target, config, progress=progress, progress_interval=progress_interval)
     return await LoadTest(target, config, progress=progress, progress_interval=progress_interval).run()
 
 
@@ -727,7 +915,7 @@ async def arun_single_request(
 
 
 @contextmanager
-def _runner() -> Iterator[asyncio.Runner]:
+def runner() -> Iterator[asyncio.Runner]:
     """An event loop for the sync entry points: uvloop when installed (less client CPU)."""
     try:
         import uvloop
@@ -747,8 +935,8 @@ def run_load_test(
     progress_interval: float = 0.25,
 ) -> LoadTestResult:
     """Run one load test in a new event loop (scripts). Ctrl-C returns the result so far."""
-    with _runner() as runner:
-        return runner.run(
+    with runner() as loop_runner:
+        return loop_runner.run(
             arun_load_test(target, config, progress=progress, progress_interval=progress_interval)
         )
 
@@ -763,8 +951,8 @@ def run_sweep(
     on_result: Callable[[LoadTestResult], object] | None = None,
 ) -> list[LoadTestResult]:
     """:func:`arun_sweep` in a new event loop (scripts)."""
-    with _runner() as runner:
-        return runner.run(
+    with runner() as loop_runner:
+        return loop_runner.run(
             arun_sweep(
                 target,
                 config,
@@ -780,8 +968,8 @@ def run_single_request(
     target: Target, message: str, *, time_limit: float | None = 300.0, on_text: TextCallback | None = None
 ) -> RequestRecord:
     """:func:`arun_single_request` in a new event loop (scripts)."""
-    with _runner() as runner:
-        return runner.run(arun_single_request(target, message, time_limit=time_limit, on_text=on_text))
+    with runner() as loop_runner:
+        return loop_runner.run(arun_single_request(target, message, time_limit=time_limit, on_text=on_text))
 
 
 SWEEP_FORMAT = "chatsse-load-sweep/1"

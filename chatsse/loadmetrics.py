@@ -1,52 +1,85 @@
 """Metrics of an LLM-serving load test, computed from per-request records.
 
-Pure computations: no I/O, no clock. Definitions follow vLLM's
-``benchmarks/benchmark_serving.py``. All times are seconds on the run's
-monotonic clock; the latency keys of ``Summary.as_dict()`` are milliseconds
-(``*_ms``), like vLLM's.
+Pure computations: no I/O, no clock. All times are seconds on the run's monotonic clock;
+the latency keys of ``Summary.as_dict()`` are milliseconds (``*_ms``), like vLLM's.
+
+Sources followed (read in their code, not their docs):
+
+- vLLM ``vllm/benchmarks/serve.py`` (``calculate_metrics`` and ``benchmark``, commit
+  009e6d4a): TTFT, TPOT, ITL, E2E, goodput from send (``request_goodput``), the client's
+  queue time (``client_queue_time``: the wait for a ``--max-concurrency`` slot, from the
+  moment the request was due to the send) and ``e2el_including_client_queue``; std with
+  ddof=0 and numpy's linear percentiles.
+- GuideLLM ``src/guidellm/benchmark/schemas/metrics.py`` and
+  ``src/guidellm/scheduler/constraints/request.py`` (commit ee7a7745): rates count what
+  completed inside the measurement window, and a duration bound ends that window (GuideLLM
+  cancels what is still in flight; we let it drain but leave it out of the rates).
 
 Definitions:
 
-- completed: requests that are ``ok`` (no error and HTTP status 200). Failed:
-  all others, also counted per error type.
-- TTFT (time to first token) = ``first_token_at - sent``: arrival of the first
-  content (token) event.
-- E2E latency (``e2el``) = ``end - sent``, where ``end`` is the end of the
-  response stream. (vLLM's latency stops at the last content chunk; ours also
-  covers trailing usage/``[DONE]`` events.)
-- Intended E2E latency = ``end - intended_start``: the latency a user who
-  arrived on the scheduler's timetable saw, including any client-side
-  scheduling lag (guards against coordinated omission in open-loop runs).
-- Lateness (scheduler lag) = ``sent - intended_start``.
+- completed: requests that are ``ok`` (no error and HTTP status 200). Failed: all others,
+  also counted per error type.
+- TTFT (time to first token) = ``first_token_at - sent``: arrival of the first content
+  (token) event.
+- E2E latency (``e2el``) = ``end - sent``, where ``end`` is the end of the response stream.
+  (vLLM's latency stops at the last content chunk; ours also covers trailing
+  usage/``[DONE]`` events.)
+- Intended start: when the schedule wanted the request sent: its open-loop arrival, or the
+  end of the user's previous turn plus the think time; a turn with nothing to wait for (a
+  closed-loop user's next turn, a turn without think time) is due when the user asks for a
+  concurrency slot.
+- Lateness = ``sent - intended_start``: everything that held the request back, its slot
+  wait plus the client's own delay in getting to it (a saturated event loop).
+- Slot wait = the part of the lateness spent waiting for a ``max_concurrency`` slot (vLLM's
+  ``client_queue_time``), kept for every turn, multi-turn users' included; 0 without a
+  cap. Lateness minus slot wait is the client's own lag, which the client self-check
+  (:mod:`chatsse.loadhealth`) explains.
+- Intended E2E latency = ``end - intended_start``: the latency a user who arrived on the
+  schedule saw (guards against coordinated omission in open-loop runs).
 - TPOT (time per output token, excluding the first) =
-  ``(last content event arrival - first_token_at) / (tokens - 1)``, only for
-  requests with ``tokens > 1``. vLLM's per-request TPOT is
-  ``(e2e - ttft) / (output_tokens - 1)`` where its e2e ends at the last
-  content chunk, so this is the same quantity. We deliberately do not use
-  ``end``: trailing usage/``[DONE]`` events and the connection close are not
-  token generation. ``tokens`` is the server-reported completion token count
-  when known, so several tokens per event are accounted for.
-- ITL (inter-token latency): every gap between consecutive content events of a
-  request, pooled over all completed requests (one sample per gap, so long
-  responses weigh more), as vLLM does. An event carrying several tokens
-  gives one ITL sample.
-- Throughputs: ``request_throughput = completed / duration``;
-  ``output_token_throughput = sum(tokens of completed requests) / duration``;
-  ``event_throughput = sum(events of completed requests) / duration``.
-- Goodput = good requests / duration. A request is good when it completed and
-  meets every threshold set in the ``SLO`` (value <= threshold, as vLLM). A
-  request with at most one token has no TPOT and passes a TPOT threshold
-  (vLLM counts its TPOT as 0); one without a TTFT or E2E value fails a
-  threshold on it. Without an SLO every completed request is good.
-  ``good_fraction`` = good requests / all requests.
-- Stats: ``std`` is the population standard deviation (ddof=0, numpy's
-  default, what vLLM reports). ``median`` and the ``pN`` percentiles use linear
-  interpolation between closest ranks (numpy's default ``method="linear"``):
-  for n sorted values x, rank r = (n - 1) * p / 100 and the percentile is
-  ``x[floor(r)] + (x[ceil(r)] - x[floor(r)]) * (r - floor(r))``.
-  TTFT, TPOT, ITL, E2E and intended E2E stats cover completed requests only;
-  lateness covers every request, since every record was sent. An empty series
-  has no stats (``None``; vLLM would report 0).
+  ``(last content event arrival - first_token_at) / (tokens - 1)``, only for requests with
+  ``tokens > 1``. vLLM's per-request TPOT is ``(e2e - ttft) / (output_tokens - 1)`` where
+  its e2e ends at the last content chunk, so this is the same quantity. We deliberately do
+  not use ``end``: trailing usage/``[DONE]`` events and the connection close are not token
+  generation. ``tokens`` is the server-reported completion token count when known, so
+  several tokens per event are accounted for.
+- ITL (inter-token latency): every gap between consecutive content events of a request,
+  pooled over all completed requests (one sample per gap, so long responses weigh more), as
+  vLLM does. An event carrying several tokens gives one ITL sample.
+- Window (``Summary.duration``): the time the load was applied, from the run's start until
+  sending stopped: the end of the ``duration`` bound, or the run's end if that came first
+  (a request-bound run ends when its last stream does, vLLM's benchmark duration; an
+  interrupted run ends at the interruption). A duration-bound run's drain is not in it.
+- Throughputs count the completed requests whose stream ended inside the window, with all
+  their tokens and events: ``request_throughput = completed in window / window``;
+  ``output_token_throughput``, ``input_token_throughput`` (known prompt tokens) and
+  ``event_throughput`` likewise; ``total_token_throughput`` is input plus output. A request-bound run's
+  window holds every request. Requests that completed during a drain (``drained``) are in
+  ``completed`` and in the latency statistics, but not in the rates: their time is not in
+  the window, and counting them would report a rate the server never sustained. A window
+  shorter than a few reply times reads low (the first replies take a latency to arrive).
+- SLO attainment: a request meets the SLO when it completed and its TTFT and E2E, each
+  plus its slot wait, and its TPOT are within every threshold set (value <= threshold, as
+  vLLM). A request with at most one token has no TPOT and passes a TPOT threshold (vLLM
+  counts its TPOT as 0); one without a TTFT or E2E value fails a threshold on it. Without
+  an SLO every completed request is good. Counting the slot wait means a run whose
+  requests queued for a slot does not look good: the wait was the user's. The same test
+  from send (vLLM's ``request_goodput``) is reported beside it as ``*_from_send``; the two
+  differ only when some request waited for a slot.
+- Goodput = good requests that ended inside the window / window (from send:
+  ``goodput_from_send``). ``good_fraction`` = good requests / all requests (sent), the SLO
+  attainment.
+- Rows identical by construction are left out (``None``): intended E2E and lateness when
+  every request was sent at its intended start (a closed loop without think time or a
+  cap), slot wait when no request waited for a slot.
+- Stats: ``std`` is the population standard deviation (ddof=0, numpy's default, what vLLM
+  reports). ``median`` and the ``pN`` percentiles use linear interpolation between closest
+  ranks (numpy's default ``method="linear"``): for n sorted values x, rank
+  r = (n - 1) * p / 100 and the percentile is
+  ``x[floor(r)] + (x[ceil(r)] - x[floor(r)]) * (r - floor(r))``. TTFT, TPOT, ITL, E2E and
+  intended E2E stats cover completed requests only; lateness and slot wait cover every
+  request, since every record was sent. An empty series has no stats (``None``; vLLM would
+  report 0).
 """
 
 from __future__ import annotations
@@ -63,6 +96,7 @@ __all__ = [
     "RequestRecord",
     "Stats",
     "Summary",
+    "ms_keys",
     "percentile",
     "summarize",
     "timeline",
@@ -78,7 +112,7 @@ class RequestRecord:
     request_id: int
     user_id: int  # 0 for single-turn runs
     turn: int  # 0-based turn within the user's conversation
-    intended_start: float  # scheduler's target; equals ``sent`` in closed loop
+    intended_start: float  # when the schedule wanted it sent (see the module docstring)
     sent: float
     headers_at: float | None = None
     first_token_at: float | None = None  # arrival of the first content event
@@ -92,6 +126,8 @@ class RequestRecord:
     status: int | None = None  # HTTP status
     error: str | None = None  # "http_503", "timeout", "connection", "stream_error:<type>", ...
     prompt_tokens: int | None = None
+    slot_wait: float = 0.0  # seconds spent waiting for a max_concurrency slot before ``sent``
+    text: str | None = None  # the reply, when the target collected it
 
     @property
     def ok(self) -> bool:
@@ -112,6 +148,16 @@ class RequestRecord:
     @property
     def lateness(self) -> float:
         return self.sent - self.intended_start
+
+    @property
+    def ttft_with_wait(self) -> float | None:
+        """TTFT plus the slot wait: from when the request was due and asked for a slot."""
+        return None if self.first_token_at is None else self.first_token_at - self.sent + self.slot_wait
+
+    @property
+    def e2e_with_wait(self) -> float | None:
+        """E2E plus the slot wait (vLLM's ``e2el_including_client_queue``)."""
+        return None if self.end is None else self.end - self.sent + self.slot_wait
 
     @property
     def itls(self) -> list[float]:
@@ -137,9 +183,14 @@ class SLO:
     tpot: float | None = None
     e2e: float | None = None
 
-    def met_by(self, record: RequestRecord) -> bool:
-        """Whether a completed request meets every set threshold."""
-        for limit, value in ((self.ttft, record.ttft), (self.e2e, record.e2e)):
+    def met_by(self, record: RequestRecord, *, with_slot_wait: bool = False) -> bool:
+        """Whether a completed request meets every set threshold; ``with_slot_wait`` adds
+        its slot wait to TTFT and E2E (from when it was due, not from its send)."""
+        if with_slot_wait:
+            ttft, e2e = record.ttft_with_wait, record.e2e_with_wait
+        else:
+            ttft, e2e = record.ttft, record.e2e
+        for limit, value in ((self.ttft, ttft), (self.e2e, e2e)):
             if limit is not None and (value is None or value > limit):
                 return False
         if self.tpot is not None:
@@ -214,25 +265,36 @@ class Summary:
     completed: int
     failed: int
     errors_by_type: dict[str, int]
-    duration: float
+    duration: float  # the window the rates divide by (module docstring)
     total_input_tokens: int  # known prompt tokens of completed requests
     total_output_tokens: int  # tokens of completed requests
     total_events: int  # events of completed requests
-    request_throughput: float
+    request_throughput: float  # completed in the window / window
     output_token_throughput: float
     event_throughput: float
-    good: int
-    goodput: float
-    good_fraction: float | None  # None when there were no requests
+    good: int  # completed requests meeting the SLO, slot wait counted
+    goodput: float  # good requests completed in the window / window
+    good_fraction: float | None  # good / sent; None when there were no requests
     ttft: Stats | None
     tpot: Stats | None
     itl: Stats | None
     e2e: Stats | None
-    e2e_intended: Stats | None
-    lateness: Stats | None
+    e2e_intended: Stats | None  # None when every request was sent at its intended start
+    lateness: Stats | None  # likewise
     slo: SLO | None = None
     resumed: int = 0  # completed requests whose stream was dropped and resumed
     resume: Stats | None = None  # disconnect -> first resumed event
+    slot_wait: Stats | None = None  # None when no request waited for a slot
+    drained: int = 0  # completed requests that ended after the window (not in the rates)
+    good_from_send: int = 0  # the SLO test from send (vLLM's)
+    goodput_from_send: float = 0.0
+    good_fraction_from_send: float | None = None
+    input_token_throughput: float = 0.0  # known prompt tokens of requests completed in the window
+
+    @property
+    def total_token_throughput(self) -> float:
+        """Input plus output tokens per second (vLLM's ``total_token_throughput``)."""
+        return self.input_token_throughput + self.output_token_throughput
 
     def as_dict(self) -> dict[str, MetricValue]:
         """Flat dict with vLLM-like keys; latencies in milliseconds."""
@@ -245,9 +307,13 @@ class Summary:
             "total_events": self.total_events,
             "request_throughput": self.request_throughput,
             "output_throughput": self.output_token_throughput,
+            "total_token_throughput": self.total_token_throughput,
             "event_throughput": self.event_throughput,
             "goodput": self.goodput,
             "good_fraction": self.good_fraction,
+            "goodput_from_send": self.goodput_from_send,
+            "good_fraction_from_send": self.good_fraction_from_send,
+            "drained": self.drained,
             "errors": dict(self.errors_by_type),
             "resumed": self.resumed,
         }
@@ -258,13 +324,21 @@ class Summary:
             "e2el": self.e2e,
             "e2el_intended": self.e2e_intended,
             "lateness": self.lateness,
+            "slot_wait": self.slot_wait,
             "resume": self.resume,
         }
         for name, stats in series.items():
-            for stat in ("mean", "median", "std", "p50", "p90", "p95", "p99"):
-                value = None if stats is None else getattr(stats, stat) * 1000.0
-                out[f"{stat}_{name}_ms"] = value
+            out.update(ms_keys(name, stats))
         return out
+
+
+def ms_keys(name: str, stats: Stats | None) -> dict[str, MetricValue]:
+    """vLLM's keys for one series: ``mean_<name>_ms``, ``median_``, ``std_``, ``p50_`` ...
+    ``p99_``, in milliseconds; ``None`` values for an empty series."""
+    return {
+        f"{stat}_{name}_ms": None if stats is None else getattr(stats, stat) * 1000.0
+        for stat in ("mean", "median", "std", "p50", "p90", "p95", "p99")
+    }
 
 
 def _error_type(record: RequestRecord) -> str:
@@ -273,39 +347,61 @@ def _error_type(record: RequestRecord) -> str:
     return "unknown" if record.status is None else f"http_{record.status}"
 
 
-def summarize(records: Sequence[RequestRecord], *, duration: float, slo: SLO | None = None) -> Summary:
-    """Aggregate per-request records of a run lasting ``duration`` seconds."""
+def summarize(
+    records: Sequence[RequestRecord], *, duration: float, slo: SLO | None = None, until: float | None = None
+) -> Summary:
+    """Aggregate per-request records of a run whose window lasted ``duration`` seconds.
+
+    ``until``: the window's end on the records' clock; completed requests that ended
+    after it are left out of the rates (``drained``). ``None`` counts them all.
+    """
     if not duration > 0:
         raise ValueError(f"duration must be positive, got {duration}")
     done = [r for r in records if r.ok]
+    in_window = done if until is None else [r for r in done if r.end is not None and r.end <= until]
     errors = Counter(_error_type(r) for r in records if not r.ok)
-    good = sum(1 for r in done if slo is None or slo.met_by(r))
-    output_tokens = sum(r.tokens for r in done)
-    events = sum(r.events for r in done)
+    good = [r for r in done if slo is None or slo.met_by(r, with_slot_wait=True)]
+    good_from_send = [r for r in done if slo is None or slo.met_by(r)]
+    output_tokens = sum(r.tokens for r in in_window)
+    events = sum(r.events for r in in_window)
+    scheduled = any(r.intended_start != r.sent for r in records)
+    waited = any(r.slot_wait > 0 for r in records)
     return Summary(
         completed=len(done),
         failed=len(records) - len(done),
         errors_by_type=dict(sorted(errors.items())),
         duration=duration,
         total_input_tokens=sum(r.prompt_tokens or 0 for r in done),
-        total_output_tokens=output_tokens,
-        total_events=events,
-        request_throughput=len(done) / duration,
+        total_output_tokens=sum(r.tokens for r in done),
+        total_events=sum(r.events for r in done),
+        request_throughput=len(in_window) / duration,
         output_token_throughput=output_tokens / duration,
         event_throughput=events / duration,
-        good=good,
-        goodput=good / duration,
-        good_fraction=good / len(records) if records else None,
+        good=len(good),
+        goodput=_count_until(good, until) / duration,
+        good_fraction=len(good) / len(records) if records else None,
         ttft=Stats.of(v for r in done if (v := r.ttft) is not None),
         tpot=Stats.of(v for r in done if (v := r.tpot) is not None),
         itl=Stats.of(gap for r in done for gap in r.itls),
         e2e=Stats.of(v for r in done if (v := r.e2e) is not None),
-        e2e_intended=Stats.of(v for r in done if (v := r.e2e_intended) is not None),
-        lateness=Stats.of(r.lateness for r in records),
+        e2e_intended=Stats.of(v for r in done if (v := r.e2e_intended) is not None) if scheduled else None,
+        lateness=Stats.of(r.lateness for r in records) if scheduled else None,
         slo=slo,
         resumed=sum(1 for r in done if r.resume_latencies),
         resume=Stats.of(v for r in done for v in r.resume_latencies),
+        slot_wait=Stats.of(r.slot_wait for r in records) if waited else None,
+        drained=len(done) - len(in_window),
+        good_from_send=len(good_from_send),
+        goodput_from_send=_count_until(good_from_send, until) / duration,
+        good_fraction_from_send=len(good_from_send) / len(records) if records else None,
+        input_token_throughput=sum(r.prompt_tokens or 0 for r in in_window) / duration,
     )
+
+
+def _count_until(records: Sequence[RequestRecord], until: float | None) -> int:
+    if until is None:
+        return len(records)
+    return sum(1 for r in records if r.end is not None and r.end <= until)
 
 
 def _closed_at(record: RequestRecord) -> float:

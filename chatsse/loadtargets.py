@@ -145,6 +145,10 @@ class Target(ABC):
     async def prepare(self, http: aiohttp.ClientSession) -> None:  # noqa: B027 - an optional hook
         """Called once before a run, with the run's session; nothing to do by default."""
 
+    def for_process(self, index: int) -> None:  # noqa: B027 - an optional hook
+        """Called in client process ``index`` of a split run, on that process's copy of the
+        target (unpickled from the parent's); nothing to do by default."""
+
     @abstractmethod
     def request_body(self, conversation: Conversation, message: str) -> dict[str, Any]:
         """The JSON body of the next turn."""
@@ -256,6 +260,7 @@ class ChatsseTarget(Target):
             raise ValueError(f"drop_fraction must be within [0, 1], got {drop_fraction}")
         self.collect_text = collect_text or drop_fraction > 0
         self.drop_fraction = drop_fraction
+        self._seed = seed
         self._rng = random.Random(seed)
         self._http: aiohttp.ClientSession | None = None
         parts = urlsplit(self.url)
@@ -266,6 +271,13 @@ class ChatsseTarget(Target):
 
     async def prepare(self, http: aiohttp.ClientSession) -> None:
         self._http = http  # resumes go through the run's session
+
+    def for_process(self, index: int) -> None:
+        # Each process draws its own drops (the same seed gives the same run).
+        self._rng = random.Random(None if self._seed is None else f"{self._seed}:{index}")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_http": None}  # a session belongs to its process's run
 
     def request_body(self, conversation: Conversation, message: str) -> dict[str, Any]:
         body: dict[str, Any] = {"message": message}
@@ -306,7 +318,7 @@ class ChatsseTarget(Target):
             record.prompt_tokens = usage.get("prompt_tokens")
             if parts is not None:
                 reply = "".join(parts)
-                conversation.last_reply = reply
+                conversation.last_reply = record.text = reply
                 if reply != completed.get("content"):
                     record.error = "content_mismatch"
         elif reading.failure is not None:
@@ -381,15 +393,18 @@ class _ModelTarget(Target):
     """An OpenAI-style endpoint serving named models.
 
     ``model=None`` asks the server (``GET <base>/v1/models``, next to the endpoint) and
-    uses its first model.
+    uses its first model. ``collect_text``: see the subclasses.
     """
 
-    def __init__(self, url: str, *, model: str | None = None, max_tokens: int | None = None) -> None:
+    def __init__(
+        self, url: str, *, model: str | None = None, max_tokens: int | None = None, collect_text: bool = False
+    ) -> None:
         super().__init__(url, max_tokens=max_tokens)
         self.model = model
+        self.collect_text = collect_text
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "model": self.model}
+        return {**super().describe(), "model": self.model, "collect_text": self.collect_text}
 
     @property
     def models_url(self) -> str:
@@ -415,7 +430,8 @@ class OpenAITarget(_ModelTarget):
     """An OpenAI-compatible ``POST /v1/chat/completions`` with streaming.
 
     Reasoning deltas (``reasoning_content`` / ``reasoning``) count as tokens too: they
-    are generated tokens, though not part of the reply text.
+    are generated tokens, though not part of the reply text. The reply's text is always
+    joined (the history needs it); ``collect_text`` also keeps it in ``RequestRecord.text``.
     """
 
     protocol = "openai"
@@ -495,6 +511,8 @@ class OpenAITarget(_ModelTarget):
         else:
             reply = "".join(parts)
             conversation.last_reply = reply
+            if self.collect_text:
+                record.text = reply
             conversation.history.append({"role": "user", "content": message})
             conversation.history.append({"role": "assistant", "content": reply})
 
@@ -512,20 +530,6 @@ class ResponsesTarget(_ModelTarget):
 
     protocol = "responses"
     default_path = "/v1/responses"
-
-    def __init__(
-        self,
-        url: str,
-        *,
-        model: str | None = None,
-        max_tokens: int | None = None,
-        collect_text: bool = False,
-    ) -> None:
-        super().__init__(url, model=model, max_tokens=max_tokens)
-        self.collect_text = collect_text
-
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "collect_text": self.collect_text}
 
     def request_body(self, conversation: Conversation, message: str) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model, "input": message, "stream": True, "store": True}
@@ -594,7 +598,7 @@ class ResponsesTarget(_ModelTarget):
             return
         if parts is not None:
             reply = "".join(parts)
-            conversation.last_reply = reply
+            conversation.last_reply = record.text = reply
             if reply != "".join(done_texts):
                 record.error = "content_mismatch"
                 return

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -18,8 +19,10 @@ from fake_openai import FakeOpenAI
 from support import FailingEngine, wait_for
 
 from chatsse.inprocess import InProcessServer
-from chatsse.loadcli import ProgressLine, add_load_command, main
-from chatsse.loadgen import LoadTestResult, Progress, load_results
+from chatsse.loadcli import ProgressLine, add_load_command, format_summary, main
+from chatsse.loadgen import LoadConfig, LoadTestResult, Progress, load_results
+from chatsse.loadhealth import ClientProcess
+from chatsse.loadmetrics import RequestRecord
 
 ROOT = Path(__file__).parent.parent
 SCRIPT = ROOT / "scripts" / "run_load_test.py"
@@ -36,13 +39,67 @@ def test_run_prints_a_summary_and_saves_results_and_plots(
     assert code == 0
     assert "8 sent, 8 completed, 0 failed" in out
     assert "SLO: TTFT <= 2000 ms" in out
-    for row in ("TTFT", "TPOT", "ITL", "E2E", "lateness"):
+    for row in ("TTFT", "TPOT", "ITL", "E2E", "client"):
         assert f"\n{row} " in out
+    # A closed loop without a cap sends every request at its intended start: no rows that
+    # would repeat E2E or show zeros.
+    for row in ("E2E (intended)", "lateness", "slot wait", "goodput (send)"):
+        assert f"\n{row} " not in out
+    assert "1 process: " in out
     result = LoadTestResult.load(output)
     assert len(result.records) == 8
     assert result.config.turns == 2
     assert result.target["collect_text"] is True
     assert plot.read_text().count("Plotly.newPlot(") == 4
+
+
+def test_open_loop_with_a_cap_shows_slot_waits_and_both_goodputs(
+    serve: Serve, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = serve(sim_ttft_ms=50)
+    load = [server.url, "--requests", "6", "--rate", "100", "--arrival", "constant", "--max-concurrency", "1"]
+    assert main([*load, "--slo-ttft-ms", "1000", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    for row in ("E2E (intended)", "lateness", "slot wait", "goodput (send)"):
+        assert f"\n{row} " in out
+    assert "slot waits counted" in out
+
+
+def test_processes_split_the_run_and_report_each_process(
+    serve: Serve, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = serve(sim_ttft_ms=5)
+    detailed = tmp_path / "vllm.json"
+    load = [server.url, "--requests", "10", "--concurrency", "4", "--processes", "2", "--quiet"]
+    assert main([*load, "--save-detailed", str(detailed)]) == 0
+    out = capsys.readouterr().out
+    assert "10 sent, 10 completed, 0 failed" in out
+    assert "2 client processes" in out
+    assert "\nclient          2 processes: " in out
+    document = json.loads(detailed.read_text())
+    assert document["completed"] == 10
+    assert document["max_concurrency"] == 4
+    assert all(text for text in document["generated_texts"])  # --save-detailed collects the replies
+
+
+def test_a_saturated_client_gets_a_warning_with_its_limits() -> None:
+    config = LoadConfig(requests=1)
+    record = RequestRecord(request_id=0, user_id=0, turn=0, intended_start=1.0, sent=1.0, end=1.5, status=200)
+    busy = ClientProcess(
+        index=0, pid=1, wall_seconds=1.0, cpu_seconds=0.97, loop_lag_p99=0.045, loop_lag_max=0.2, ticks=100
+    )
+    result = LoadTestResult(
+        config, {"protocol": "chatsse", "url": "u"}, [record], 1.0, 2.0, 0.0, client=(busy,)
+    )
+    text = format_summary(result)
+    warning = text.splitlines()[-1]
+    assert warning.startswith("WARNING: the load client was a bottleneck")
+    assert "event loop woke 45.0 ms late at p99" in warning
+    assert "used 97% of a core" in warning
+    assert "event-loop lag p99 20 ms" in warning
+    assert "CPU 90% of a core" in warning
+    calm = replace(busy, cpu_seconds=0.2, loop_lag_p99=0.002)
+    assert "WARNING" not in format_summary(replace(result, client=(calm,)))
 
 
 def test_simple_prints_the_streamed_reply(serve: Serve, capsys: pytest.CaptureFixture[str]) -> None:
@@ -127,6 +184,8 @@ def test_openai_and_responses_exclude_each_other(capsys: pytest.CaptureFixture[s
         ["--multi-turn", "0"],
         ["--max-error-rate", "2"],
         ["--max-tokens", "0"],
+        ["--processes", "0"],
+        ["--processes", "3", "--concurrency", "2"],
     ],
 )
 def test_invalid_options_exit_2(bad: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -189,16 +248,22 @@ def test_script_runs_against_a_server(serve: Serve, tmp_path: Path) -> None:
     assert json.loads(output.read_text())["completed"] == 5
 
 
-def test_ctrl_c_stops_the_script_and_prints_what_was_measured(serve: Serve) -> None:
+@pytest.mark.parametrize("processes", [1, 2])
+def test_ctrl_c_stops_the_script_and_prints_what_was_measured(
+    serve: Serve, tmp_path: Path, processes: int
+) -> None:
     server = serve(
         sim_ttft_ms=0, sim_token_interval_ms=50, sim_reply_tokens_min=200, sim_reply_tokens_max=200
     )
+    output = tmp_path / "interrupted.json"
+    load = [server.url, "--duration", "60", "--concurrency", "2", "--processes", str(processes)]
     process = subprocess.Popen(
-        [sys.executable, str(SCRIPT), server.url, "--duration", "60", "--concurrency", "2"],
+        [sys.executable, str(SCRIPT), *load, "--output", str(output)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=_env(),
+        start_new_session=True,  # its own process group, as a terminal's foreground job
     )
     try:
 
@@ -206,7 +271,7 @@ def test_ctrl_c_stops_the_script_and_prints_what_was_measured(serve: Serve) -> N
             return bool(httpx.get(f"{server.url}/health").json()["this_worker"]["open_streams"] == 2)
 
         assert wait_for(streaming, 30, 0.05)
-        process.send_signal(signal.SIGINT)
+        os.killpg(process.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole group
         out, err = process.communicate(timeout=30)
     finally:
         if process.poll() is None:
@@ -216,3 +281,9 @@ def test_ctrl_c_stops_the_script_and_prints_what_was_measured(serve: Serve) -> N
     assert "(interrupted)" in out
     assert "2 sent, 0 completed, 2 failed" in out
     assert "cancelled: 2" in out
+    result = LoadTestResult.load(output)  # the records were kept and saved
+    assert [r.error for r in result.records] == ["cancelled", "cancelled"]
+    assert len(result.client) == processes
+    for client in result.client:  # no client process is left behind
+        with pytest.raises(ProcessLookupError):
+            os.kill(client.pid, 0)

@@ -18,6 +18,7 @@ import httpx
 import pytest
 from conftest import Serve
 from fake_openai import FakeOpenAI
+from load_support import BlockingTarget, BrokenTarget, max_in_flight
 from support import FailingEngine
 
 from chatsse.inprocess import InProcessServer
@@ -35,19 +36,11 @@ from chatsse.loadgen import (
     save_sweep,
     sweep_configs,
 )
+from chatsse.loadhealth import CPU_SHARE_LIMIT, LAG_P99_LIMIT
 from chatsse.loadmetrics import SLO, RequestRecord
 from chatsse.loadtargets import ChatsseTarget, Conversation, OpenAITarget, Target
 
 SLACK = 3.0  # seconds a busy machine may add to a run's end
-
-
-def max_in_flight(records: list[RequestRecord]) -> int:
-    moments = sorted([(r.sent, 1) for r in records] + [(r.end or r.sent, -1) for r in records])
-    level = peak = 0
-    for _, step in moments:
-        level += step
-        peak = max(peak, level)
-    return peak
 
 
 # --- arrival times ------------------------------------------------------------------------
@@ -147,6 +140,23 @@ def test_duration_bounds_the_sending_and_in_flight_requests_drain(serve: Serve) 
     assert 0.6 <= result.duration <= 0.6 + 5 + SLACK
 
 
+def test_rates_of_a_duration_bound_run_divide_by_the_sending_window(serve: Serve) -> None:
+    # Replies of about 0.3 s: the three requests in flight when sending stops at 0.5 s end
+    # in the drain; they count as completed, but not in the rates over the 0.5 s window.
+    server = serve(sim_ttft_ms=0, sim_token_interval_ms=30, sim_reply_tokens_min=10, sim_reply_tokens_max=10)
+    config = LoadConfig(duration=0.5, concurrency=3, drain_timeout=5)
+    result = run_load_test(ChatsseTarget(server.url, max_tokens=10), config)
+    assert result.window == pytest.approx(0.5)
+    assert result.duration > result.window
+    summary = result.summary()
+    assert summary.duration == pytest.approx(0.5)
+    in_window = [r for r in result.records if r.ok and r.end is not None and r.end <= result.start + 0.5]
+    assert summary.completed == len(result.records)
+    assert summary.drained == summary.completed - len(in_window) >= 3
+    assert summary.request_throughput == pytest.approx(len(in_window) / 0.5)
+    assert summary.output_token_throughput == pytest.approx(sum(r.tokens for r in in_window) / 0.5)
+
+
 def test_requests_still_streaming_after_the_drain_are_cancelled(serve: Serve) -> None:
     # Replies of 50 tokens at 100 ms: none finishes within the 0.3 s run plus 0.3 s drain.
     server = serve(sim_ttft_ms=0, sim_token_interval_ms=100, sim_reply_tokens_min=50, sim_reply_tokens_max=50)
@@ -175,22 +185,53 @@ def test_open_loop_sends_on_schedule(serve: Serve) -> None:
 
 
 def test_open_loop_cap_makes_requests_wait_and_reports_lateness(serve: Serve) -> None:
-    # Arrivals every 10 ms, one request at a time, each taking at least 50 ms (the TTFT):
-    # request k cannot be sent before k * 50 ms, so it is at least k * 40 ms late.
-    server = serve(sim_ttft_ms=50)
-    config = LoadConfig(requests=6, rate=100, arrival="constant", max_concurrency=1)
+    # Arrivals every 10 ms, one request at a time, each taking at least 100 ms (the TTFT):
+    # request k cannot be sent before k * 100 ms, so it is at least k * 90 ms late, nearly
+    # all of it waiting for the slot.
+    server = serve(sim_ttft_ms=100)
+    config = LoadConfig(requests=6, rate=100, arrival="constant", max_concurrency=1, slo=SLO(ttft=0.3))
     result = run_load_test(ChatsseTarget(server.url), config)
     records = sorted(result.records, key=lambda r: r.request_id)
     assert all(r.ok for r in records)
     assert max_in_flight(records) == 1
     for k, r in enumerate(records):
-        assert r.lateness >= 0.04 * k - 0.001
+        assert r.lateness >= 0.09 * k - 0.001
+        assert 0 <= r.slot_wait <= r.lateness
     summary = result.summary()
     assert summary.lateness is not None
-    assert summary.lateness.max >= 0.2
+    assert summary.lateness.max >= 0.45
     assert summary.e2e_intended is not None
     assert summary.e2e is not None
     assert summary.e2e_intended.max > summary.e2e.max
+    assert summary.slot_wait is not None
+    assert summary.slot_wait.max > 0
+    # Every TTFT from the send is about 0.1 s, within the SLO; the last requests also
+    # waited most of 0.45 s for their slot, so from when they were due they missed it.
+    assert summary.good_from_send > summary.good
+    assert summary.goodput_from_send > summary.goodput
+
+
+def test_closed_loop_users_waiting_for_a_slot_record_it_on_every_turn(serve: Serve) -> None:
+    # Three users, two turns each without think time, one slot: a user's second turn is
+    # due when its first ends, and waits while another user holds the slot.
+    server = serve(sim_ttft_ms=30)
+    config = LoadConfig(requests=6, concurrency=3, turns=2, max_concurrency=1)
+    result = run_load_test(ChatsseTarget(server.url), config)
+    records = result.records
+    assert all(r.ok for r in records)
+    assert max_in_flight(records) == 1
+    assert all(0 <= r.slot_wait == pytest.approx(r.lateness) for r in records)
+    assert any(r.turn == 1 and r.slot_wait > 0 for r in records)
+    summary = result.summary()
+    assert summary.slot_wait is not None
+    assert summary.lateness is not None
+
+
+def test_closed_loop_without_waits_has_no_intended_rows(serve: Serve) -> None:
+    result = run_load_test(ChatsseTarget(serve().url), LoadConfig(requests=6, concurrency=2))
+    summary = result.summary()
+    assert (summary.e2e_intended, summary.lateness, summary.slot_wait) == (None, None, None)
+    assert summary.good == summary.good_from_send == 6
 
 
 def test_open_loop_duration_counts_requests_left_waiting_for_a_slot(serve: Serve) -> None:
@@ -281,15 +322,34 @@ def test_cancelling_the_run_keeps_the_records(serve: Serve) -> None:
     assert all(r.end is not None and r.token_times for r in result.records)
 
 
-class BrokenTarget(ChatsseTarget):
-    async def request(self, *args: object, **kwargs: object) -> None:
-        raise RuntimeError("bug in a target")
-
-
 def test_a_bug_in_a_target_is_raised_not_hidden(serve: Serve) -> None:
     target: Target = BrokenTarget(serve().url)
     with pytest.raises(RuntimeError, match="bug in a target"):
         run_load_test(target, LoadConfig(requests=3, concurrency=2))
+
+
+# --- the client's self-check -------------------------------------------------------------
+
+
+def test_a_blocked_client_is_flagged_and_an_idle_one_is_not(serve: Serve) -> None:
+    # The server runs in this process: a quiet one (a few tokens, far apart), warmed up
+    # first, so that it rarely holds the interpreter while the client's loop would run.
+    server = serve(sim_ttft_ms=300, sim_token_interval_ms=100)
+    target = ChatsseTarget(server.url, max_tokens=3)
+    run_load_test(target, LoadConfig(requests=1))
+    # Idle: one user waiting 0.5 s for each reply, about 150 ticks.
+    idle = run_load_test(target, LoadConfig(requests=3, concurrency=1))
+    (client,) = idle.client
+    assert client.ticks > 100
+    assert client.loop_lag_p99 < LAG_P99_LIMIT
+    assert client.cpu_share < CPU_SHARE_LIMIT
+    assert idle.client_warnings() == []
+    # Blocked: each request first stalls the loop for 0.1 s, so the ticker wakes late.
+    blocked = run_load_test(BlockingTarget(server.url, max_tokens=3), LoadConfig(requests=6, concurrency=2))
+    (client,) = blocked.client
+    assert client.loop_lag_max >= 0.09
+    assert client.loop_lag_p99 >= LAG_P99_LIMIT
+    assert any("event loop woke" in warning for warning in blocked.client_warnings())
 
 
 # --- sweeps, progress, single requests ----------------------------------------------------

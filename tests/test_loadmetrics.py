@@ -26,6 +26,7 @@ def record(
     status: int | None = 200,
     error: str | None = None,
     prompt_tokens: int | None = None,
+    slot_wait: float = 0.0,
 ) -> RequestRecord:
     return RequestRecord(
         request_id=request_id,
@@ -43,6 +44,7 @@ def record(
         status=status,
         error=error,
         prompt_tokens=prompt_tokens,
+        slot_wait=slot_wait,
     )
 
 
@@ -244,6 +246,60 @@ def test_lateness_counts_every_sent_request() -> None:
     assert lateness.max == approx(0.5)
 
 
+def test_rates_count_only_requests_completed_in_the_window() -> None:
+    # A window ending at 2.1: r1 (end 0.6) is in it; r2 (2.2) and r3 (2.25) completed in
+    # the drain after it.
+    s = summarize(run(), duration=2.1, until=2.1)
+    assert (s.completed, s.drained) == (3, 2)
+    assert s.request_throughput == approx(1 / 2.1)
+    assert s.output_token_throughput == approx(4 / 2.1)
+    assert s.event_throughput == approx(6 / 2.1)
+    assert s.input_token_throughput == approx(10 / 2.1)
+    assert s.total_token_throughput == approx(14 / 2.1)
+    assert s.goodput == approx(1 / 2.1)
+    assert s.good == 3  # the SLO test covers every completed request
+    assert s.total_output_tokens == 10  # totals too
+    assert s.ttft is not None
+    assert s.ttft.count == 3  # and the latency statistics
+
+
+def test_goodput_counts_the_slot_wait() -> None:
+    # r1 was due at -0.2 and waited those 0.2 s for a slot: TTFT 0.1 from send, 0.3 from
+    # when it was due.
+    records = run()
+    records[0] = record(1, intended=-0.2, sent=0.0, tokens_at=[0.1, 0.2], end=0.6, slot_wait=0.2)
+    s = summarize(records, duration=10.0, slo=SLO(ttft=0.25))
+    # from send: r1 (0.1) and r3 (0.2) meet it, r2 (0.3) does not; with the wait, r1 fails.
+    assert (s.good_from_send, s.good) == (2, 1)
+    assert s.goodput_from_send == approx(0.2)
+    assert s.goodput == approx(0.1)
+    assert s.good_fraction == approx(1 / 6)
+    assert s.good_fraction_from_send == approx(2 / 6)
+    assert s.slot_wait is not None
+    assert (s.slot_wait.count, s.slot_wait.max, s.slot_wait.mean) == (6, approx(0.2), approx(0.2 / 6))
+    e2e = SLO(e2e=0.7)  # r1's E2E: 0.6 from send, 0.8 with its wait
+    assert e2e.met_by(records[0])
+    assert not e2e.met_by(records[0], with_slot_wait=True)
+
+
+def test_rows_identical_by_construction_are_left_out() -> None:
+    # Every request sent at its intended start and none waiting for a slot (a closed loop):
+    # intended E2E would repeat E2E, lateness and slot wait would be all zeros.
+    on_time = [
+        record(1, intended=0.0, sent=0.0, tokens_at=[0.1], end=0.2),
+        record(2, intended=0.5, sent=0.5, tokens_at=[0.6], end=0.7),
+    ]
+    s = summarize(on_time, duration=1.0)
+    assert (s.e2e_intended, s.lateness, s.slot_wait) == (None, None, None)
+    assert s.e2e is not None
+    d = s.as_dict()
+    assert d["p99_lateness_ms"] is None
+    assert d["mean_slot_wait_ms"] is None
+    late = summarize(run(), duration=10.0)  # r2 and r4 were late, none waited for a slot
+    assert late.lateness is not None
+    assert late.slot_wait is None
+
+
 def test_without_slo_every_completed_request_is_good() -> None:
     s = summarize(run(), duration=10.0)
     assert s.good == 3
@@ -309,6 +365,9 @@ def test_as_dict_uses_vllm_keys_in_milliseconds() -> None:
     assert d["request_throughput"] == approx(0.3)
     assert d["output_throughput"] == approx(1.0)
     assert d["goodput"] == approx(0.1)
+    assert d["goodput_from_send"] == approx(0.1)
+    assert d["drained"] == 0
+    assert d["total_token_throughput"] == approx(4.0)  # 30 prompt + 10 output tokens in 10 s
     assert d["errors"] == {"http_503": 2, "timeout": 1}
     assert d["mean_ttft_ms"] == approx(200.0)
     assert d["median_ttft_ms"] == approx(200.0)
@@ -323,7 +382,7 @@ def test_as_dict_uses_vllm_keys_in_milliseconds() -> None:
     assert d["mean_e2el_intended_ms"] == approx(1000 * 2.05 / 3)
     assert d["mean_lateness_ms"] == approx(125.0)
     assert d["p99_lateness_ms"] == approx(487.5)  # rank 4.95: 0.25 + 0.95 * 0.25
-    for series in ("ttft", "tpot", "itl", "e2el", "e2el_intended", "lateness"):
+    for series in ("ttft", "tpot", "itl", "e2el", "e2el_intended", "lateness", "slot_wait"):
         for stat in ("mean", "median", "std", "p50", "p90", "p95", "p99"):
             assert f"{stat}_{series}_ms" in d
 

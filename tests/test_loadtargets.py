@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import pickle
 import socket
 from collections.abc import Iterator
 from time import perf_counter
@@ -137,7 +138,7 @@ def test_chatsse_request_fills_every_field(serve: Serve) -> None:
     assert conversation.conversation_id is not None
     stored = httpx.get(f"{server.url}/conversations/{conversation.conversation_id}").json()["messages"]
     assert [m["role"] for m in stored] == ["user", "assistant"]
-    assert stored[1]["content"] == conversation.last_reply
+    assert stored[1]["content"] == conversation.last_reply == record.text
 
 
 def test_chatsse_without_collect_text_keeps_no_text(serve: Serve) -> None:
@@ -145,6 +146,21 @@ def test_chatsse_without_collect_text_keeps_no_text(serve: Serve) -> None:
     (record,) = send(ChatsseTarget(serve().url), "hello", conversation=conversation)
     assert record.ok
     assert conversation.last_reply is None
+    assert record.text is None
+
+
+def test_a_used_target_pickles_for_a_worker_process_without_its_session(serve: Serve) -> None:
+    target = ChatsseTarget(serve().url, drop_fraction=0.5, seed=3)
+    send(target, "hello")  # prepare() kept the run's session
+    copy = pickle.loads(pickle.dumps(target))
+    assert copy.url == target.url
+    assert copy.drop_fraction == 0.5
+    draws = []
+    for index in (0, 1, 0):
+        copy.for_process(index)
+        draws.append([copy._cut() for _ in range(8)])
+    assert draws[0] == draws[2]  # a process's drops follow the seed and its index
+    assert draws[0] != draws[1]
 
 
 def test_chatsse_turns_continue_the_conversation(serve: Serve) -> None:
@@ -288,6 +304,9 @@ def test_openai_stream_with_usage(fake_openai: tuple[FakeOpenAI, InProcessServer
     assert len(record.token_times) == 5  # the role chunk is not a token
     assert record.events == 9  # role, 5 content, finish, usage, [DONE]
     assert conversation.last_reply == "turn 1 reply w0 w1 w2 w3"
+    assert record.text is None  # kept in the record only with collect_text
+    (kept,) = send(OpenAITarget(server.url, collect_text=True), "hi")
+    assert kept.text == "turn 1 reply w0 w1 w2 w3"
     body = fake.bodies[0]
     assert body["model"] == MODEL
     assert body["stream"] is True
