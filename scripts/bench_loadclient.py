@@ -32,10 +32,11 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from bench_server import bench_runner, cpu_seconds, reply_env, running, write_report
+from bench_server import bench_runner, reply_env, running, write_report
 
 from chatsse.loadgen import LoadConfig, arun_load_test
 from chatsse.loadtargets import ChatsseTarget
+from chatsse.servercost import cpu_seconds
 
 PROCESSES = (1, 2)
 
