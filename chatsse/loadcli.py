@@ -451,8 +451,8 @@ def format_summary(result: LoadTestResult, slo: SLO | None = None) -> str:
     if s.drained:
         row("", f"(over the {s.duration:.2f} s window; {s.drained} completed in the drain, not counted)")
     row("goodput", _goodput(s.goodput, s.good_fraction, s.slo))
-    if s.slot_wait is not None:
-        row("", "(slot waits counted: a request is good if it met the SLO from when it was due)")
+    if s.lateness is not None:  # some request went out late: from send, goodput differs
+        row("", "(from the intended start: a request is good if it met the SLO from when it was due)")
         row("goodput (send)", _goodput(s.goodput_from_send, s.good_fraction_from_send, s.slo) + ", from send")
     row("tokens", f"{s.total_input_tokens} in, {s.total_output_tokens} out, {s.total_events} events")
     if s.resumed:

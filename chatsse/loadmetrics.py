@@ -59,13 +59,15 @@ Definitions:
   the window, and counting them would report a rate the server never sustained. A window
   shorter than a few reply times reads low (the first replies take a latency to arrive).
 - SLO attainment: a request meets the SLO when it completed and its TTFT and E2E, each
-  plus its slot wait, and its TPOT are within every threshold set (value <= threshold, as
-  vLLM). A request with at most one token has no TPOT and passes a TPOT threshold (vLLM
-  counts its TPOT as 0); one without a TTFT or E2E value fails a threshold on it. Without
-  an SLO every completed request is good. Counting the slot wait means a run whose
-  requests queued for a slot does not look good: the wait was the user's. The same test
-  from send (vLLM's ``request_goodput``) is reported beside it as ``*_from_send``; the two
-  differ only when some request waited for a slot.
+  measured from its intended start, and its TPOT are within every threshold set
+  (value <= threshold, as vLLM). A request with at most one token has no TPOT and passes a
+  TPOT threshold (vLLM counts its TPOT as 0); one without a TTFT or E2E value fails a
+  threshold on it. Without an SLO every completed request is good. Measuring from the
+  intended start means a run whose requests queued (for a slot, or behind a client that
+  fell behind its schedule) does not look good: the wait was the user's. When the client
+  itself fell behind, the self-check says so, and the run measured the client, not the
+  server. The same test from send (vLLM's ``request_goodput``) is reported beside it as
+  ``*_from_send``; the two differ only when some request was sent late.
 - Goodput = good requests that ended inside the window / window (from send:
   ``goodput_from_send``). ``good_fraction`` = good requests / all requests (sent), the SLO
   attainment.
@@ -150,9 +152,9 @@ class RequestRecord:
         return self.sent - self.intended_start
 
     @property
-    def ttft_with_wait(self) -> float | None:
-        """TTFT plus the slot wait: from when the request was due and asked for a slot."""
-        return None if self.first_token_at is None else self.first_token_at - self.sent + self.slot_wait
+    def ttft_intended(self) -> float | None:
+        """TTFT from the intended start: the wait a user who arrived on the schedule saw."""
+        return None if self.first_token_at is None else self.first_token_at - self.intended_start
 
     @property
     def e2e_with_wait(self) -> float | None:
@@ -183,11 +185,11 @@ class SLO:
     tpot: float | None = None
     e2e: float | None = None
 
-    def met_by(self, record: RequestRecord, *, with_slot_wait: bool = False) -> bool:
-        """Whether a completed request meets every set threshold; ``with_slot_wait`` adds
-        its slot wait to TTFT and E2E (from when it was due, not from its send)."""
-        if with_slot_wait:
-            ttft, e2e = record.ttft_with_wait, record.e2e_with_wait
+    def met_by(self, record: RequestRecord, *, from_intended_start: bool = False) -> bool:
+        """Whether a completed request meets every set threshold, its TTFT and E2E measured
+        from its send, or from its intended start (the module docstring)."""
+        if from_intended_start:
+            ttft, e2e = record.ttft_intended, record.e2e_intended
         else:
             ttft, e2e = record.ttft, record.e2e
         for limit, value in ((self.ttft, ttft), (self.e2e, e2e)):
@@ -272,7 +274,7 @@ class Summary:
     request_throughput: float  # completed in the window / window
     output_token_throughput: float
     event_throughput: float
-    good: int  # completed requests meeting the SLO, slot wait counted
+    good: int  # completed requests meeting the SLO from their intended start
     goodput: float  # good requests completed in the window / window
     good_fraction: float | None  # good / sent; None when there were no requests
     ttft: Stats | None
@@ -360,7 +362,7 @@ def summarize(
     done = [r for r in records if r.ok]
     in_window = done if until is None else [r for r in done if r.end is not None and r.end <= until]
     errors = Counter(_error_type(r) for r in records if not r.ok)
-    good = [r for r in done if slo is None or slo.met_by(r, with_slot_wait=True)]
+    good = [r for r in done if slo is None or slo.met_by(r, from_intended_start=True)]
     good_from_send = [r for r in done if slo is None or slo.met_by(r)]
     output_tokens = sum(r.tokens for r in in_window)
     events = sum(r.events for r in in_window)

@@ -269,7 +269,7 @@ def test_goodput_counts_the_slot_wait() -> None:
     records = run()
     records[0] = record(1, intended=-0.2, sent=0.0, tokens_at=[0.1, 0.2], end=0.6, slot_wait=0.2)
     s = summarize(records, duration=10.0, slo=SLO(ttft=0.25))
-    # from send: r1 (0.1) and r3 (0.2) meet it, r2 (0.3) does not; with the wait, r1 fails.
+    # from send: r1 (0.1) and r3 (0.2) meet it, r2 (0.3) does not; from its intended start, r1 fails.
     assert (s.good_from_send, s.good) == (2, 1)
     assert s.goodput_from_send == approx(0.2)
     assert s.goodput == approx(0.1)
@@ -277,9 +277,13 @@ def test_goodput_counts_the_slot_wait() -> None:
     assert s.good_fraction_from_send == approx(2 / 6)
     assert s.slot_wait is not None
     assert (s.slot_wait.count, s.slot_wait.max, s.slot_wait.mean) == (6, approx(0.2), approx(0.2 / 6))
-    e2e = SLO(e2e=0.7)  # r1's E2E: 0.6 from send, 0.8 with its wait
+    e2e = SLO(e2e=0.7)  # r1's E2E: 0.6 from send, 0.8 from its intended start
     assert e2e.met_by(records[0])
-    assert not e2e.met_by(records[0], with_slot_wait=True)
+    assert not e2e.met_by(records[0], from_intended_start=True)
+    # Late without a slot to wait for (a client behind its schedule): the user waited all the same.
+    lagging = record(1, intended=-0.2, sent=0.0, tokens_at=[0.1, 0.2], end=0.6)
+    assert e2e.met_by(lagging)
+    assert not e2e.met_by(lagging, from_intended_start=True)
 
 
 def test_rows_identical_by_construction_are_left_out() -> None:
