@@ -171,8 +171,9 @@ class StalledReader:
                 await asyncio.sleep(every)
         return samples
 
-    def read_rest(self, timeout: float = 5.0) -> bytes:
-        """Read everything left, until the server closes the connection (or ``timeout``)."""
+    def read_rest(self, timeout: float = 5.0, *, until: bytes | None = None) -> bytes:
+        """Read everything left, until the server closes the connection, what was read ends
+        with ``until``, or nothing comes for ``timeout`` seconds."""
         if self.sock is None:
             return b""
         self.sock.settimeout(timeout)
@@ -180,6 +181,8 @@ class StalledReader:
         with contextlib.suppress(ConnectionResetError, TimeoutError):
             while chunk := self.sock.recv(65536):
                 data += chunk
+                if until is not None and data.endswith(until):
+                    break
         return data
 
     def close(self) -> None:

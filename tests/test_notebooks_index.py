@@ -3,6 +3,7 @@ chapter, with the title and opening paragraph of the notebook itself."""
 
 from __future__ import annotations
 
+import html
 import importlib.util
 import json
 import sys
@@ -32,7 +33,7 @@ def test_every_chapter_is_linked_with_its_own_title_and_opening(tmp_path: Path) 
     for notebook in NOTEBOOKS:
         first = next(c for c in json.loads(notebook.read_text())["cells"] if c["cell_type"] == "markdown")
         title = "".join(first["source"]).splitlines()[0].lstrip("# ")
-        assert f'<a href="{notebook.stem}.html">{title}</a>' in index
+        assert f'<a href="{notebook.stem}.html">{html.escape(title)}</a>' in index
     assert index.index("01-") < index.index("02-")  # in the chapters' order
     assert "in quick mode" in index
 

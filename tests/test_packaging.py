@@ -43,7 +43,7 @@ def _run(*args: str | Path, cwd: Path = ROOT) -> None:
     subprocess.run([str(a) for a in args], cwd=cwd, check=True, capture_output=True, timeout=300)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not "module": xdist runs other tests between these, which would redo it
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     uv = _uv()
     base = tmp_path_factory.mktemp("wheel")

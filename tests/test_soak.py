@@ -87,7 +87,7 @@ def test_quick_soak_passes_every_check(tmp_path: Path) -> None:
     assert "PASSED" in process.stdout
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not "module": xdist runs other tests between these, which would redo it
 def chaos(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Any]:
     """One quick chaos run (every fault, on both stores) for the tests below."""
     output = tmp_path_factory.mktemp("chaos") / "chaos.json"
