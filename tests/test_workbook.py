@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -15,6 +16,8 @@ from jupyter_client.blocking import BlockingKernelClient
 from jupyter_client.manager import start_new_kernel
 from traitlets.config import Config
 
+from chatsse.chaos import client_connections
+from chatsse.processes import GunicornServer
 from chatsse.workbook import (
     LIVE_UPDATES_PER_SECOND,
     Conversation,
@@ -24,6 +27,7 @@ from chatsse.workbook import (
     raw_chunks,
     show_chunks,
     stream_turn,
+    worker_turn,
 )
 
 
@@ -197,3 +201,25 @@ def test_a_kernel_renders_live_for_a_watching_frontend_and_prints_for_a_headless
     finally:
         client.stop_channels()
         manager.shutdown_kernel(now=True)
+
+
+@pytest.mark.anyio
+async def test_worker_turn_names_the_worker_that_holds_the_turns_connection(tmp_path: Path) -> None:
+    env = {"CHATSSE_SIM_TTFT_MS": "1", "CHATSSE_SIM_TOKEN_INTERVAL_MS": "20", "CHATSSE_LOG_LEVEL": "warning"}
+    answered: list[int] = []
+
+    async def turn(url: str) -> None:
+        pid, chat = await worker_turn(url, "which worker?", max_tokens=40)
+        assert chat.finish_reason == "length"
+        answered.append(pid)
+
+    with GunicornServer(workers=2, store=f"sqlite:///{tmp_path / 'c.db'}", env=env) as server:
+        workers = server.worker_pids()
+        assert server.port is not None
+        for _ in range(3):
+            answered.clear()
+            async with anyio.create_task_group() as streams:
+                streams.start_soon(turn, server.url)
+                await anyio.sleep(0.3)  # mid-stream (40 tokens 20 ms apart): ask /proc, independently
+                holding = [pid for pid, n in client_connections(workers, server.port).items() if n]
+            assert holding == answered
