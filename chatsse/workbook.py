@@ -51,20 +51,26 @@ def pick(full: T, quick: T) -> T:
     return quick if quick_mode() else full
 
 
+def _kernel() -> Any:
+    """The Jupyter kernel running this code, or None (plain Python, terminal IPython)."""
+    ipython = sys.modules.get("IPython")  # never imported for this: plain Python stays plain
+    shell = None if ipython is None else ipython.get_ipython()
+    return getattr(shell, "kernel", None)
+
+
 def live_frontend() -> bool:
     """True when this code runs in a Jupyter kernel for a frontend a person is watching, where
     a display can be redrawn in place.
 
     Plain Python and terminal IPython have no kernel, so nothing would redraw a display: they
-    get plain text. A kernel cannot see its frontend, but it sees how the running cell was sent:
-    JupyterLab, Notebook and VS Code send ``allow_stdin`` (a person may answer ``input()``);
-    headless runners (nbclient, under ``nbconvert --execute``, nbmake and papermill) turn it off,
-    since nobody is there to type or to watch. Those get plain text too: their saved output
-    then holds the reply itself, not a trail of redraws.
+    get plain text, token by token. A kernel cannot see its frontend, but it sees how the
+    running cell was sent: JupyterLab, Notebook and VS Code send ``allow_stdin`` (a person may
+    answer ``input()``); headless runners (nbclient, under ``nbconvert --execute``, nbmake and
+    papermill) turn it off, since nobody is there to type or to watch. They get plain text
+    too, the reply written once it is complete: their saved output is then the reply in one
+    piece, not a redraw or an output per token.
     """
-    ipython = sys.modules.get("IPython")  # never imported for this: plain Python stays plain
-    shell = None if ipython is None else ipython.get_ipython()
-    kernel = getattr(shell, "kernel", None)
+    kernel = _kernel()
     if kernel is None:
         return False
     content = kernel.get_parent().get("content", {})
@@ -95,16 +101,20 @@ class ChatTurn:
 
 
 class _TextView:
-    """A reply as plain text: each delta written as it arrives."""
+    """A reply as plain text: each delta written as it arrives (``streaming``), else the
+    whole reply once it has ended."""
 
-    def __init__(self, out: TextIO | None) -> None:
+    def __init__(self, out: TextIO | None, *, streaming: bool = True) -> None:
         self.out = out or sys.stdout
+        self.streaming = streaming
+        self.tail = ""
 
     def prompt(self, message: str) -> None:
         print(f"> {message}", file=self.out, flush=True)
 
     def delta(self, turn: ChatTurn, text: str, at: float) -> None:
-        print(text, end="", file=self.out, flush=True)
+        if self.streaming:
+            print(text, end="", file=self.out, flush=True)
 
     def event(self, turn: ChatTurn, at: float) -> None:
         return None
@@ -113,9 +123,15 @@ class _TextView:
         print(f"HTTP {turn.status}: {turn.error}", file=self.out)
 
     def stream_error(self, turn: ChatTurn, error: dict[str, Any]) -> None:
-        print(f"\n[error: {error['type']}: {error['message']}]", file=self.out)
+        line = f"\n[error: {error['type']}: {error['message']}]"
+        if self.streaming:
+            print(line, file=self.out)
+        else:
+            self.tail = line
 
     def finish(self, turn: ChatTurn) -> None:
+        if not self.streaming:
+            print(turn.text + self.tail, end="", file=self.out)
         print(file=self.out, flush=True)
 
 
@@ -185,9 +201,10 @@ _View = _TextView | _LiveView
 def _view(show: bool, live: bool | None, out: TextIO | None) -> _View | None:
     if not show:
         return None
-    if live if live is not None else out is None and live_frontend():
+    watched = live_frontend()
+    if live if live is not None else out is None and watched:
         return _LiveView()
-    return _TextView(out)
+    return _TextView(out, streaming=out is not None or watched or _kernel() is None)
 
 
 async def stream_turn(
@@ -204,7 +221,7 @@ async def stream_turn(
     """Send one message to ``url``'s ``/chat`` and read the stream; with ``show``, show the
     reply as it arrives: rendered in place with a live status line where a notebook frontend
     is watching (``live``, by default :func:`live_frontend`, unless ``out`` is given), else
-    printed token by token to ``out`` (stdout)."""
+    printed token by token to ``out`` (stdout), or, in a kernel no one watches, once whole."""
     return await _stream(url, message, conversation_id, _view(show, live, out), client, extra)
 
 

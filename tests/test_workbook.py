@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import io
 from collections.abc import Iterator
 from pathlib import Path
@@ -187,15 +188,22 @@ def test_a_kernel_renders_live_for_a_watching_frontend_and_prints_for_a_headless
     manager, client = start_new_kernel(kernel_name="python3", startup_timeout=60)
     try:
         code = "from chatsse.workbook import stream_turn\n"
-        code += f"turn = await stream_turn({server.url!r}, 'hi', max_tokens=4)"
+        code += f"turn = await stream_turn({server.url!r}, 'hi', max_tokens=12)\nturn.text"
         headless = _run_in_kernel(client, code, allow_stdin=False)  # as nbclient sends a cell
-        kinds = {m["msg_type"] for m in headless}
-        assert "stream" in kinds
-        assert not kinds & {"display_data", "update_display_data"}
+        kinds = [m["msg_type"] for m in headless]
+        assert "display_data" not in kinds
+        assert "update_display_data" not in kinds
+        printed = [m["content"]["text"] for m in headless if m["msg_type"] == "stream"]
+        (result,) = [
+            m["content"]["data"]["text/plain"] for m in headless if m["msg_type"] == "execute_result"
+        ]
+        assert "".join(printed) == f"{ast.literal_eval(result)}\n"  # the reply, written once whole
+        assert len(printed) <= 2  # not one output per token
         watched = _run_in_kernel(client, code, allow_stdin=True)  # as JupyterLab sends a cell
-        kinds = {m["msg_type"] for m in watched}
-        assert {"display_data", "update_display_data"} <= kinds
+        kinds = [m["msg_type"] for m in watched]
         assert "stream" not in kinds
+        assert kinds.count("display_data") == 1
+        assert "update_display_data" in kinds
         last = [m for m in watched if m["msg_type"] == "update_display_data"][-1]
         assert "TTFT" in last["content"]["data"]["text/markdown"]
     finally:

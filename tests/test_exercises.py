@@ -1,0 +1,206 @@
+"""Every notebook's "Try it yourself" exercises run as written, in the notebook's own kernel.
+
+Each notebook is executed (quick mode) up to its "Clean up" cell; its first cell that starts a
+named server is run again, which must replace that server rather than add one; then the code
+of each exercise (the fenced ``python`` blocks of its markdown cell) runs in the same kernel,
+followed by the check below where the exercise states an outcome; last, the clean-up cell must
+leave nothing running. The notebooks run at the same time, one kernel each: most of their time
+is spent waiting on simulated tokens, not on the CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+EXERCISES = "## Try it yourself"
+CLEAN_UP = "## Clean up"
+CELL_TIMEOUT = 300
+_BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
+_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+
+# What an exercise says will happen, checked after its code ran (notebook number, exercise).
+CHECKS: dict[tuple[str, int], str] = {
+    ("01", 1): "assert fast_events == 32  # connected, 30 tokens, completed",
+    ("01", 2): 'assert "retry: 5000" in retry_body.split("\\n\\n")[0]',
+    (
+        "01",
+        3,
+    ): 'assert event.count(b"\\n") == 4\nassert stored["messages"][0]["content"] == "line one\\nline two"',
+    (
+        "01",
+        4,
+    ): 'assert last_event.splitlines()[:2][0].endswith(":13")\nassert "event: completed" in last_event',
+}
+
+# Every exercise of every notebook, found by reading the notebooks (collection stays quick).
+NOTEBOOK_FILES = sorted(NOTEBOOKS.glob("0[1]-*.ipynb"))  # XXX dev
+
+
+@dataclass
+class Exercises:
+    """One notebook's sections, as cell indexes and code."""
+
+    cells: list[nbformat.NotebookNode]
+    clean_up: int
+    blocks: list[str]
+
+
+def sections(path: Path) -> Exercises:
+    notebook = nbformat.read(path, as_version=4)
+    headings = [
+        (i, cell.source.splitlines()[0])
+        for i, cell in enumerate(notebook.cells)
+        if cell.cell_type == "markdown"
+    ]
+    starts = [i for i, first in headings if first.startswith(EXERCISES)]
+    ends = [i for i, first in headings if first.startswith(CLEAN_UP)]
+    assert len(starts) == 1, f"{path.name}: one {EXERCISES!r} section expected"
+    assert len(ends) == 1, f"{path.name}: one {CLEAN_UP!r} section expected"
+    start, end = starts[0], ends[0]
+    assert start < end, f"{path.name}: the exercises come before the clean-up"
+    assert any(c.cell_type == "code" for c in notebook.cells[end:]), f"{path.name}: a clean-up cell"
+    assert not any(c.cell_type == "code" for c in notebook.cells[start:end]), (
+        f"{path.name}: an exercise's code belongs in its markdown, for the learner to copy"
+    )
+    blocks = []
+    for cell in notebook.cells[start + 1 : end]:
+        code = "".join(_BLOCK.findall(cell.source))
+        assert code, f"{path.name}: an exercise without code: {cell.source[:80]!r}"
+        blocks.append(code)
+    return Exercises(notebook.cells, end, blocks)
+
+
+def number(path: Path) -> str:
+    return path.name[:2]
+
+
+@dataclass
+class Run:
+    """What happened in one notebook's kernel: an error message per step, None if it passed."""
+
+    main: str | None = "not run"
+    rerun: str | None = "not run"
+    exercises: dict[int, str | None] = field(default_factory=dict)
+    clean_up: str | None = "not run"
+
+
+def _code(source: str) -> nbformat.NotebookNode:
+    return nbformat.v4.new_code_cell(source)
+
+
+async def _execute(path: Path) -> Run:
+    found = sections(path)
+    run = Run()
+    notebook = nbformat.v4.new_notebook()
+    client = NotebookClient(
+        notebook,
+        timeout=CELL_TIMEOUT,
+        kernel_name="python3",  # this interpreter: the .venv the tests run in
+        resources={"metadata": {"path": str(NOTEBOOKS)}},
+    )
+
+    async def execute(cell: nbformat.NotebookNode) -> None:
+        """Run a cell after those already run (added to the notebook, where nbclient wants it)."""
+        notebook.cells.append(cell)
+        await client.async_execute_cell(cell, len(notebook.cells) - 1)
+
+    async def step(source: str) -> str | None:
+        try:
+            await execute(_code(source))
+        except CellExecutionError as error:
+            return _COLOUR.sub("", str(error))
+        return None
+
+    async with client.async_setup_kernel():
+        try:
+            for cell in found.cells[: found.clean_up]:
+                await execute(cell)
+        except CellExecutionError as error:
+            run.main = str(error)
+            return run
+        run.main = None
+        starts = [c for c in notebook.cells if c.cell_type == "code" and 'name="' in c.source]
+        if starts:
+            run.rerun = await step(
+                "from chatsse import registry as _registry\n_before = len(_registry.running())\n"
+                + starts[0].source
+                + "\nassert len(_registry.running()) == _before, 'a rerun added a server'"
+            )
+        else:
+            run.rerun = "no cell starts a named server"
+        for n, block in enumerate(found.blocks, 1):
+            error = await step(block)
+            check = CHECKS.get((number(path), n))
+            if error is None and check is not None:
+                error = await step(check)
+            run.exercises[n] = error
+        try:
+            for cell in found.cells[found.clean_up :]:
+                await execute(cell)
+            await execute(_code("assert _registry.running() == [], _registry.running()"))
+        except CellExecutionError as error:
+            run.clean_up = str(error)
+        else:
+            run.clean_up = None
+    return run
+
+
+@pytest.fixture(scope="module")
+def runs(request: pytest.FixtureRequest) -> Iterator[dict[str, Run]]:
+    """Every notebook a selected test asks about (``-k 03``: notebook 03 only), at once."""
+    wanted = {
+        item.callspec.params["notebook"]
+        for item in request.session.items
+        if item.module is request.module and hasattr(item, "callspec")
+    }
+    paths = [path for path in NOTEBOOK_FILES if number(path) in wanted]
+
+    async def every() -> dict[str, Run]:
+        results = await asyncio.gather(*(_execute(path) for path in paths))
+        return {number(path): result for path, result in zip(paths, results, strict=True)}
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CHATSSE_QUICK", "1")  # the kernels inherit it
+        patch.setenv("JUPYTER_PLATFORM_DIRS", "1")
+        yield asyncio.run(every())
+
+
+EXERCISE_IDS = [(number(p), n) for p in NOTEBOOK_FILES for n in range(1, len(sections(p).blocks) + 1)]
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.mark.parametrize("notebook", [number(p) for p in NOTEBOOK_FILES])
+def test_notebook_runs_to_its_clean_up_and_a_rerun_start_cell_replaces_its_server(
+    runs: dict[str, Run], notebook: str
+) -> None:
+    run = runs[notebook]
+    assert run.main is None, run.main
+    assert run.rerun is None, run.rerun
+
+
+@pytest.mark.parametrize(("notebook", "exercise"), EXERCISE_IDS, ids=[f"{nb}-{n}" for nb, n in EXERCISE_IDS])
+def test_exercise_runs_as_written(runs: dict[str, Run], notebook: str, exercise: int) -> None:
+    run = runs[notebook]
+    assert run.main is None, f"the notebook itself failed: {run.main}"
+    assert run.exercises[exercise] is None, run.exercises[exercise]
+
+
+@pytest.mark.parametrize("notebook", [number(p) for p in NOTEBOOK_FILES])
+def test_clean_up_stops_every_server_the_notebook_and_its_exercises_started(
+    runs: dict[str, Run], notebook: str
+) -> None:
+    assert runs[notebook].clean_up is None, runs[notebook].clean_up
+
+
+def test_every_check_names_an_exercise_that_exists() -> None:
+    assert set(CHECKS) <= set(EXERCISE_IDS)
