@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,22 +29,57 @@ CELL_TIMEOUT = 300
 _BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
 _COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 
-# What an exercise says will happen, checked after its code ran (notebook number, exercise).
+# What an exercise says will happen, checked after its code ran: (notebook number, exercise).
 CHECKS: dict[tuple[str, int], str] = {
     ("01", 1): "assert fast_events == 32  # connected, 30 tokens, completed",
-    ("01", 2): 'assert "retry: 5000" in retry_body.split("\\n\\n")[0]',
-    (
-        "01",
-        3,
-    ): 'assert event.count(b"\\n") == 4\nassert stored["messages"][0]["content"] == "line one\\nline two"',
-    (
-        "01",
-        4,
-    ): 'assert last_event.splitlines()[:2][0].endswith(":13")\nassert "event: completed" in last_event',
+    ("01", 2): r'assert "retry: 5000" in retry_body.split("\n\n")[0]',
+    ("01", 3): r"""
+assert event.count(b"\n") == 4  # id, event and data lines, then the blank line
+assert stored["messages"][0]["content"] == "line one\nline two"
+""",
+    ("01", 4): """
+assert last_event.splitlines()[0].endswith(":13")
+assert "event: completed" in last_event
+""",
+    ("02", 1): """
+assert [p for p, _ in flat] == sorted(p for p, _ in flat)  # the prompt still grows
+spread = lambda points: max(t for _, t in points) - min(t for _, t in points)
+assert spread(flat) < spread(full)
+""",
+    ("02", 2): """
+assert [a.text == b.text for a, b in zip(whole, cut)][:2] == [True, True]
+assert whole[-1].text != cut[-1].text
+assert cut[-1].usage["prompt_tokens"] < whole[-1].usage["prompt_tokens"]
+""",
+    ("02", 3): """
+assert alice.conversation_id != bob.conversation_id
+assert alice_said == [f"Alice, message {i}" for i in range(3)]
+assert bob_said == [f"Bob, message {i}" for i in range(3)]
+""",
+    ("02", 4): """
+assert sorted(turn.status for turn in both) == [200, 409]
+assert [turn.error["type"] for turn in both if turn.error] == ["conversation_busy"]
+""",
+    ("03", 1): "assert again.status == 200",
+    ("03", 2): 'assert [turn.events[-1][1] for turn in finished] == ["completed"] * 3',
+    ("03", 3): """
+assert any(isinstance(o, Exception) for o in outcomes)  # the victim's clients
+assert victim not in fragile.worker_pids()
+""",
+    ("03", 4): "assert 'max_requests' in readme",
+    ("04", 1): "assert g.lateness.max < s.lateness.max  # rate 3 against rate 10",
+    ("04", 3): "assert c.request_throughput > summary.request_throughput  # 16 users against 4",
+    ("04", 4): "assert o.completed == compatible.config.requests\nassert o.failed == 0",
+    ("05", 1): "assert all(r.summary(tight).goodput <= r.summary(slo).goodput for r in rate_sweep)",
+    ("05", 3): 'assert "http_503" in capped_sweep[-1].summary().errors_by_type  # refused past the knee',
+    ("05", 4): """
+fastest = lambda sweep: max(r.summary().request_throughput for r in sweep)
+assert fastest(longer_sweep) < fastest(rate_sweep)
+""",
 }
 
 # Every exercise of every notebook, found by reading the notebooks (collection stays quick).
-NOTEBOOK_FILES = sorted(NOTEBOOKS.glob("0[12]-*.ipynb"))  # XXX dev
+NOTEBOOK_FILES = sorted(NOTEBOOKS.glob("[0-9][0-9]-*.ipynb"))
 
 
 @dataclass
@@ -92,6 +128,7 @@ class Run:
     rerun: str | None = "not run"
     exercises: dict[int, str | None] = field(default_factory=dict)
     clean_up: str | None = "not run"
+    seconds: dict[str, float] = field(default_factory=dict)  # main, exercises: for a slow run's report
 
 
 def _code(source: str) -> nbformat.NotebookNode:
@@ -121,6 +158,7 @@ async def _execute(path: Path) -> Run:
             return _COLOUR.sub("", str(error))
         return None
 
+    started = time.perf_counter()
     async with client.async_setup_kernel():
         try:
             for cell in found.cells[: found.clean_up]:
@@ -129,6 +167,8 @@ async def _execute(path: Path) -> Run:
             run.main = str(error)
             return run
         run.main = None
+        run.seconds["main"] = time.perf_counter() - started
+        started = time.perf_counter()
         starts = [c for c in notebook.cells if c.cell_type == "code" and 'name="' in c.source]
         if starts:
             run.rerun = await step(
@@ -144,6 +184,7 @@ async def _execute(path: Path) -> Run:
             if error is None and check is not None:
                 error = await step(check)
             run.exercises[n] = error
+        run.seconds["exercises"] = time.perf_counter() - started
         try:
             for cell in found.cells[found.clean_up :]:
                 await execute(cell)
