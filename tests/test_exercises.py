@@ -1,16 +1,18 @@
 """Every notebook's "Try it yourself" exercises run as written, in the notebook's own kernel.
 
-Each notebook is executed (quick mode) up to its "Clean up" cell; its first cell that starts a
+Each notebook is executed (quick mode) up to its "Clean up" cell, where every cell with an
+output must be followed by a markdown cell that explains it; its first cell that starts a
 named server is run again, which must replace that server rather than add one; then the code
 of each exercise (the fenced ``python`` blocks of its markdown cell) runs in the same kernel,
 followed by the check below where the exercise states an outcome; last, the clean-up cell must
-leave nothing running. The notebooks run at the same time, one kernel each: most of their time
-is spent waiting on simulated tokens, not on the CPU.
+leave nothing running. The notebooks run at the same time, one kernel each, so that their
+waits (simulated tokens, servers starting) overlap.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import time
 from collections.abc import Iterator
@@ -128,6 +130,7 @@ class Run:
     rerun: str | None = "not run"
     exercises: dict[int, str | None] = field(default_factory=dict)
     clean_up: str | None = "not run"
+    unexplained: list[str] = field(default_factory=list)  # results with no markdown after them
     seconds: dict[str, float] = field(default_factory=dict)  # main, exercises: for a slow run's report
 
 
@@ -168,6 +171,11 @@ async def _execute(path: Path) -> Run:
             return run
         run.main = None
         run.seconds["main"] = time.perf_counter() - started
+        run.unexplained = [
+            cell.source
+            for cell, after in itertools.pairwise(found.cells)
+            if cell.cell_type == "code" and cell.get("outputs") and after.cell_type != "markdown"
+        ]
         started = time.perf_counter()
         starts = [c for c in notebook.cells if c.cell_type == "code" and 'name="' in c.source]
         if starts:
@@ -227,6 +235,15 @@ def test_notebook_runs_to_its_clean_up_and_a_rerun_start_cell_replaces_its_serve
     run = runs[notebook]
     assert run.main is None, run.main
     assert run.rerun is None, run.rerun
+
+
+@pytest.mark.parametrize("notebook", [number(p) for p in NOTEBOOK_FILES])
+def test_every_result_is_followed_by_a_sentence_on_what_to_see_in_it(
+    runs: dict[str, Run], notebook: str
+) -> None:
+    run = runs[notebook]
+    assert run.main is None, f"the notebook itself failed: {run.main}"
+    assert run.unexplained == []
 
 
 @pytest.mark.parametrize(("notebook", "exercise"), EXERCISE_IDS, ids=[f"{nb}-{n}" for nb, n in EXERCISE_IDS])
