@@ -15,7 +15,7 @@ import asyncio
 import itertools
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,6 +138,28 @@ def _code(source: str) -> nbformat.NotebookNode:
     return nbformat.v4.new_code_cell(source)
 
 
+Step = Callable[[str], Awaitable[str | None]]
+
+
+async def _exercise(run: Run, found: Exercises, step: Step, notebook: str) -> None:
+    """Run a start cell again, then every exercise and its check, recording each error."""
+    starts = [c for c in found.cells[: found.clean_up] if c.cell_type == "code" and 'name="' in c.source]
+    if starts:
+        run.rerun = await step(
+            "from chatsse import registry as _registry\n_before = len(_registry.running())\n"
+            + starts[0].source
+            + "\nassert len(_registry.running()) == _before, 'a rerun added a server'"
+        )
+    else:
+        run.rerun = "no cell starts a named server"
+    for n, block in enumerate(found.blocks, 1):
+        error = await step(block)
+        check = CHECKS.get((notebook, n))
+        if error is None and check is not None:
+            error = await step(check)
+        run.exercises[n] = error
+
+
 async def _execute(path: Path) -> Run:
     found = sections(path)
     run = Run()
@@ -167,45 +189,29 @@ async def _execute(path: Path) -> Run:
             for cell in found.cells[: found.clean_up]:
                 await execute(cell)
         except CellExecutionError as error:
-            run.main = str(error)
-            return run
-        run.main = None
-        run.seconds["main"] = time.perf_counter() - started
-        run.unexplained = [
-            cell.source
-            for cell, after in itertools.pairwise(found.cells)
-            if cell.cell_type == "code" and cell.get("outputs") and after.cell_type != "markdown"
-        ]
-        started = time.perf_counter()
-        starts = [c for c in notebook.cells if c.cell_type == "code" and 'name="' in c.source]
-        if starts:
-            run.rerun = await step(
-                "from chatsse import registry as _registry\n_before = len(_registry.running())\n"
-                + starts[0].source
-                + "\nassert len(_registry.running()) == _before, 'a rerun added a server'"
-            )
+            run.main = _COLOUR.sub("", str(error))
         else:
-            run.rerun = "no cell starts a named server"
-        for n, block in enumerate(found.blocks, 1):
-            error = await step(block)
-            check = CHECKS.get((number(path), n))
-            if error is None and check is not None:
-                error = await step(check)
-            run.exercises[n] = error
-        run.seconds["exercises"] = time.perf_counter() - started
-        try:
-            for cell in found.cells[found.clean_up :]:
-                await execute(cell)
-            await execute(_code("assert _registry.running() == [], _registry.running()"))
-        except CellExecutionError as error:
-            run.clean_up = str(error)
-        else:
-            run.clean_up = None
+            run.main = None
+            run.seconds["main"] = time.perf_counter() - started
+            run.unexplained = [
+                cell.source
+                for cell, after in itertools.pairwise(found.cells)
+                if cell.cell_type == "code" and cell.get("outputs") and after.cell_type != "markdown"
+            ]
+            started = time.perf_counter()
+            await _exercise(run, found, step, number(path))
+            run.seconds["exercises"] = time.perf_counter() - started
+        # The clean-up runs even after a failure: a child server outlives its kernel otherwise.
+        errors = [await step(c.source) for c in found.cells[found.clean_up :] if c.cell_type == "code"]
+        errors.append(
+            await step("from chatsse import registry as _r\nassert _r.running() == [], _r.running()")
+        )
+        run.clean_up = next((e for e in errors if e is not None), None)
     return run
 
 
 @pytest.fixture(scope="module")
-def runs(request: pytest.FixtureRequest) -> Iterator[dict[str, Run]]:
+def runs(request: pytest.FixtureRequest) -> dict[str, Run]:
     """Every notebook a selected test asks about (``-k 03``: notebook 03 only), at once."""
     wanted = {
         item.callspec.params["notebook"]
@@ -221,7 +227,15 @@ def runs(request: pytest.FixtureRequest) -> Iterator[dict[str, Run]]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CHATSSE_QUICK", "1")  # the kernels inherit it
         patch.setenv("JUPYTER_PLATFORM_DIRS", "1")
-        yield asyncio.run(every())
+        results = asyncio.run(every())
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None and request.config.get_verbosity() > 0:
+        with capture.global_and_fixture_disabled():
+            for name, run in results.items():
+                times = ", ".join(f"{what} {seconds:.1f} s" for what, seconds in run.seconds.items())
+                reporter.write_line(f"notebook {name}: {times}")
+    return results
 
 
 EXERCISE_IDS = [(number(p), n) for p in NOTEBOOK_FILES for n in range(1, len(sections(p).blocks) + 1)]
