@@ -355,8 +355,8 @@ def shutdown_timeline(
     turns: Sequence[ChatTurn], sigterm_at: float, *, grace: float | None = None
 ) -> go.Figure:
     """Streams open during a graceful shutdown: each one's tokens received over time, a line at
-    the SIGTERM, the grace period shaded, and each stream's end marked with its last event
-    (``completed``, or the error's type, such as ``shutdown``).
+    the SIGTERM, the grace period shaded, and each stream's end marked by how it ended: one
+    trace per last event (``completed``, or an error's type, such as ``shutdown``).
 
     ``sigterm_at`` is a ``time.perf_counter()`` reading, the clock of ``ChatTurn.sent_at``; the
     x axis counts seconds from the first stream's send.
@@ -365,7 +365,7 @@ def shutdown_timeline(
         raise ValueError("no streams to draw")
     origin = min(turn.sent_at for turn in turns)
     figure = go.Figure()
-    ends: tuple[list[float], list[int], list[str]] = ([], [], [])
+    ends: dict[str, tuple[list[float], list[int]]] = {}
     for number, turn in enumerate(turns, 1):
         times = [turn.sent_at - origin + t for t in turn.token_times]
         figure.add_trace(
@@ -379,20 +379,14 @@ def shutdown_timeline(
         )
         if turn.events:
             at, name, data = turn.events[-1]
-            ends[0].append(turn.sent_at - origin + at)
-            ends[1].append(len(times))
-            ends[2].append(str(data.get("type", name)) if name == protocol.ERROR else name)
-    figure.add_trace(
-        go.Scatter(
-            x=ends[0],
-            y=ends[1],
-            text=ends[2],
-            mode="markers+text",
-            textposition="top left",
-            marker={"symbol": "x", "size": 10, "color": "#d62728"},
-            name="last event",
+            how = str(data.get("type", name)) if name == protocol.ERROR else name
+            xs, ys = ends.setdefault(how, ([], []))
+            xs.append(turn.sent_at - origin + at)
+            ys.append(len(times))
+    for how, (xs, ys) in ends.items():
+        figure.add_trace(
+            go.Scatter(x=xs, y=ys, mode="markers", marker={"symbol": "x", "size": 10}, name=f"ended: {how}")
         )
-    )
     sigterm = sigterm_at - origin
     if grace is not None:
         figure.add_vrect(x0=sigterm, x1=sigterm + grace, fillcolor="#f2b134", opacity=0.2, line_width=0)

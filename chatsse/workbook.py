@@ -149,7 +149,7 @@ def _status_line(turn: ChatTurn, now: float, *, done: bool = False) -> str:
 
 
 class _LiveView:
-    """A reply rendered in place as Markdown, under a status line, in one IPython display.
+    """A reply rendered in place as Markdown, a status line under it, in one IPython display.
 
     Redrawn at most :data:`LIVE_UPDATES_PER_SECOND` times a second: a token costs one clock
     comparison, and a redraw joins the text so far (the text of a chat reply, small)."""

@@ -158,14 +158,13 @@ def test_shutdown_timeline_puts_streams_sigterm_and_grace_on_one_clock() -> None
     )
     done = ChatTurn(status=200, sent_at=10.05, events=[(0.1, "message", token), (0.2, "completed", {})])
     figure = plots.shutdown_timeline([cut, done], sigterm_at=10.15, grace=0.1)
-    assert names(figure) == ["stream 1", "stream 2", "last event"]
+    assert names(figure) == ["stream 1", "stream 2", "ended: shutdown", "ended: completed"]
     assert list(figure.data[0].x) == pytest.approx([0.1, 0.2, 0.3])
     assert list(figure.data[0].y) == [1, 2, 3]
     assert list(figure.data[1].x) == pytest.approx([0.15])  # sent 50 ms after the first
-    ends = figure.data[2]
-    assert list(ends.text) == ["shutdown", "completed"]
-    assert list(ends.x) == pytest.approx([0.35, 0.25])
-    assert list(ends.y) == [3, 1]
+    shutdown, completed = figure.data[2:]
+    assert (list(shutdown.x), list(shutdown.y)) == (pytest.approx([0.35]), [3])
+    assert (list(completed.x), list(completed.y)) == (pytest.approx([0.25]), [1])
     grace, sigterm = figure.layout.shapes
     assert (grace.x0, grace.x1) == pytest.approx((0.15, 0.25))
     assert sigterm.x0 == sigterm.x1 == pytest.approx(0.15)
