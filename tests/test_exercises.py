@@ -100,8 +100,8 @@ def sections(path: Path) -> Exercises:
         for i, cell in enumerate(notebook.cells)
         if cell.cell_type == "markdown"
     ]
-    starts = [i for i, first in headings if first.startswith(EXERCISES)]
-    ends = [i for i, first in headings if first.startswith(CLEAN_UP)]
+    starts = [i for i, first in headings if first.lower().startswith(EXERCISES.lower())]
+    ends = [i for i, first in headings if first.lower().startswith(CLEAN_UP.lower())]
     assert len(starts) == 1, f"{path.name}: one {EXERCISES!r} section expected"
     assert len(ends) == 1, f"{path.name}: one {CLEAN_UP!r} section expected"
     start, end = starts[0], ends[0]
@@ -120,6 +120,15 @@ def sections(path: Path) -> Exercises:
 
 def number(path: Path) -> str:
     return path.name[:2]
+
+
+def structure(path: Path) -> Exercises | str:
+    """The notebook's sections, or what is wrong with them (reported by its tests, not at
+    collection, so one malformed notebook does not hide the others' results)."""
+    try:
+        return sections(path)
+    except AssertionError as error:
+        return str(error)
 
 
 @dataclass
@@ -161,7 +170,9 @@ async def _exercise(run: Run, found: Exercises, step: Step, notebook: str) -> No
 
 
 async def _execute(path: Path) -> Run:
-    found = sections(path)
+    found = structure(path)
+    if isinstance(found, str):
+        return Run(main=found)
     run = Run()
     notebook = nbformat.v4.new_notebook()
     client = NotebookClient(
@@ -238,7 +249,12 @@ def runs(request: pytest.FixtureRequest) -> dict[str, Run]:
     return results
 
 
-EXERCISE_IDS = [(number(p), n) for p in NOTEBOOK_FILES for n in range(1, len(sections(p).blocks) + 1)]
+EXERCISE_IDS = [
+    (number(p), n)
+    for p, found in ((p, structure(p)) for p in NOTEBOOK_FILES)
+    if not isinstance(found, str)
+    for n in range(1, len(found.blocks) + 1)
+]
 pytestmark = pytest.mark.timeout(900)
 
 
