@@ -1,30 +1,40 @@
-"""Plotly figures of load-test results, and one self-contained HTML page to hold them.
+"""Plotly figures of load-test results and of the workbook's experiments, and one
+self-contained HTML page to hold them.
 
 Every builder returns a ``plotly.graph_objects.Figure``; times on the x axis are seconds
-since the run's start, latencies are milliseconds.
+since the run's (or the experiment's) start, latencies are milliseconds.
 """
 
 from __future__ import annotations
 
 import html
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import plotly.graph_objects as go  # type: ignore[import-untyped]
 from plotly.subplots import make_subplots  # type: ignore[import-untyped]
 
+from chatsse import protocol
 from chatsse.loadgen import LoadTestResult
 from chatsse.loadmetrics import SLO, RequestRecord, Stats, timeline
 
+if TYPE_CHECKING:  # the workbook's client needs httpx-sse, which the load extra does not install
+    from chatsse.workbook import ChatTurn
+
 __all__ = [
+    "coordinated_omission",
     "goodput_vs_rate",
     "latency_cdf",
     "percentile_spectrum",
     "request_timeline",
     "save_html",
+    "shutdown_timeline",
     "sweep_knee",
     "throughput_over_time",
+    "turns_per_worker",
+    "worker_spread",
 ]
 
 _LATENCIES: dict[str, tuple[str, Callable[[RequestRecord], list[float]]]] = {
@@ -45,26 +55,41 @@ def _latencies_ms(result: LoadTestResult, metric: str) -> list[float]:
     return sorted(1000.0 * v for r in result.records if r.ok for v in pick(r))
 
 
+def _cdf(result: LoadTestResult, metric: str) -> go.Scatter:
+    values = _latencies_ms(result, metric)
+    n = len(values)
+    return go.Scatter(
+        x=values, y=[(i + 1) / n for i in range(n)], mode="lines", line_shape="hv", name=_LATENCIES[metric][0]
+    )
+
+
 def latency_cdf(result: LoadTestResult, metrics: Sequence[str] = ("ttft", "itl", "e2e")) -> go.Figure:
     """Cumulative distribution of each latency (completed requests), one trace each."""
     figure = go.Figure()
     for metric in metrics:
-        values = _latencies_ms(result, metric)
-        n = len(values)
-        figure.add_trace(
-            go.Scatter(
-                x=values,
-                y=[(i + 1) / n for i in range(n)],
-                mode="lines",
-                line_shape="hv",
-                name=_LATENCIES[metric][0],
-            )
-        )
+        figure.add_trace(_cdf(result, metric))
     figure.update_layout(
         title=f"Latency CDF ({result.config.label})",
         xaxis_title="latency (ms)",
         yaxis_title="fraction of samples ≤ x",
         xaxis_type="log",
+    )
+    return figure
+
+
+def coordinated_omission(result: LoadTestResult) -> go.Figure:
+    """The end-to-end latency of the same requests measured two ways, as CDFs: from when each
+    was sent (all a closed loop can record) and from when the schedule meant it to start (what
+    a user arriving then waited). The horizontal gap between the curves is time spent waiting
+    to be sent, which a closed loop omits."""
+    figure = go.Figure()
+    for metric, name in (("e2e", "from send"), ("e2e_intended", "from intended start")):
+        figure.add_trace(_cdf(result, metric).update(name=f"E2E {name}"))
+    figure.update_layout(
+        title=f"Coordinated omission: one run's E2E, two clocks ({result.config.label})",
+        xaxis_title="end-to-end latency (ms)",
+        yaxis_title="fraction of requests ≤ x",
+        xaxis_rangemode="tozero",
     )
     return figure
 
@@ -278,6 +303,98 @@ def goodput_vs_rate(results: Sequence[LoadTestResult], *, slo: SLO | None = None
     )
     figure.update_layout(
         title="Goodput vs offered rate", xaxis_title="offered rate (requests/s)", yaxis_title="requests/s"
+    )
+    return figure
+
+
+def _worker_labels(answered: Mapping[str, Sequence[int]], workers: Sequence[int]) -> list[int]:
+    """Every worker in ``workers`` order, then any other pid that answered, in pid order."""
+    seen = {pid for pids in answered.values() for pid in pids}
+    return [*workers, *sorted(seen - set(workers))]
+
+
+def worker_spread(answered: Mapping[str, Sequence[int]], workers: Sequence[int] = ()) -> go.Figure:
+    """Which worker process answered each turn: one row per worker pid, one marker per turn,
+    one trace per series of turns (``{"one conversation": [pid, ...], "a burst": [...]}``).
+    ``workers`` (every worker's pid) gives a row to a worker that answered nothing."""
+    rows = [f"pid {pid}" for pid in _worker_labels(answered, workers)]
+    figure = go.Figure()
+    for name, pids in answered.items():
+        figure.add_trace(
+            go.Scatter(
+                x=list(range(1, len(pids) + 1)),
+                y=[f"pid {pid}" for pid in pids],
+                mode="markers+lines",
+                name=name,
+                line={"width": 0.5, "dash": "dot"},
+                marker={"size": 10},
+            )
+        )
+    figure.update_layout(
+        title="Which worker answered each turn",
+        xaxis_title="turn (in the order sent)",
+        yaxis={"title": "worker", "categoryorder": "array", "categoryarray": rows, "type": "category"},
+    )
+    return figure
+
+
+def turns_per_worker(answered: Mapping[str, Sequence[int]], workers: Sequence[int] = ()) -> go.Figure:
+    """How many turns each worker process answered, stacked by series (as :func:`worker_spread`)."""
+    order = _worker_labels(answered, workers)
+    labels = [f"pid {pid}" for pid in order]
+    figure = go.Figure()
+    for name, pids in answered.items():
+        figure.add_trace(go.Bar(x=labels, y=[list(pids).count(pid) for pid in order], name=name))
+    figure.update_layout(
+        title="Turns per worker", barmode="stack", xaxis_title="worker", yaxis_title="turns answered"
+    )
+    return figure
+
+
+def shutdown_timeline(
+    turns: Sequence[ChatTurn], sigterm_at: float, *, grace: float | None = None
+) -> go.Figure:
+    """Streams open during a graceful shutdown: each one's tokens received over time, a line at
+    the SIGTERM, the grace period shaded, and each stream's end marked by how it ended: one
+    trace per last event (``completed``, or an error's type, such as ``shutdown``).
+
+    ``sigterm_at`` is a ``time.perf_counter()`` reading, the clock of ``ChatTurn.sent_at``; the
+    x axis counts seconds from the first stream's send.
+    """
+    if not turns:
+        raise ValueError("no streams to draw")
+    origin = min(turn.sent_at for turn in turns)
+    figure = go.Figure()
+    ends: dict[str, tuple[list[float], list[int]]] = {}
+    for number, turn in enumerate(turns, 1):
+        times = [turn.sent_at - origin + t for t in turn.token_times]
+        figure.add_trace(
+            go.Scatter(
+                x=times,
+                y=list(range(1, len(times) + 1)),
+                mode="lines",
+                line_shape="hv",
+                name=f"stream {number}",
+            )
+        )
+        if turn.events:
+            at, name, data = turn.events[-1]
+            how = str(data.get("type", name)) if name == protocol.ERROR else name
+            xs, ys = ends.setdefault(how, ([], []))
+            xs.append(turn.sent_at - origin + at)
+            ys.append(len(times))
+    for how, (xs, ys) in ends.items():
+        figure.add_trace(
+            go.Scatter(x=xs, y=ys, mode="markers", marker={"symbol": "x", "size": 10}, name=f"ended: {how}")
+        )
+    sigterm = sigterm_at - origin
+    if grace is not None:
+        figure.add_vrect(x0=sigterm, x1=sigterm + grace, fillcolor="#f2b134", opacity=0.2, line_width=0)
+    figure.add_vline(x=sigterm, line={"color": "#444", "dash": "dash"}, annotation_text="SIGTERM")
+    figure.update_layout(
+        title="Streams through a graceful shutdown",
+        xaxis_title="seconds since the first stream was sent",
+        yaxis_title="tokens received",
     )
     return figure
 

@@ -9,6 +9,7 @@ import pytest
 from chatsse import plots
 from chatsse.loadgen import LoadConfig, LoadTestResult
 from chatsse.loadmetrics import SLO, RequestRecord
+from chatsse.workbook import ChatTurn
 
 
 def record(
@@ -113,3 +114,60 @@ def test_save_html_inlines_plotly_once(tmp_path: Path) -> None:
     assert page.count("Plotly.newPlot(") == 3
     assert page.count("* plotly.js v") == 1
     assert 'src="https://cdn' not in page
+
+
+def test_coordinated_omission_draws_the_same_requests_on_two_clocks() -> None:
+    figure = plots.coordinated_omission(result(2.0))
+    assert names(figure) == ["E2E from send", "E2E from intended start"]
+    from_send, from_intended = figure.data
+    # Completed requests 0, 1 and 3; request 1 was sent 0.2 s after its intended start.
+    assert list(from_send.x) == pytest.approx([210.0, 310.0, 310.0])
+    assert list(from_intended.x) == pytest.approx([210.0, 310.0, 510.0])
+    assert list(from_intended.y) == pytest.approx([1 / 3, 2 / 3, 1.0])
+
+
+ANSWERED = {"one conversation": [11, 12, 11], "a burst": [12, 12, 13]}
+
+
+def test_worker_spread_has_a_row_for_every_worker_even_an_idle_one() -> None:
+    figure = plots.worker_spread(ANSWERED, workers=[11, 12, 14])
+    assert names(figure) == ["one conversation", "a burst"]
+    # Workers in the given order, then a pid that answered without being listed.
+    assert list(figure.layout.yaxis.categoryarray) == ["pid 11", "pid 12", "pid 14", "pid 13"]
+    assert list(figure.data[0].x) == [1, 2, 3]
+    assert list(figure.data[0].y) == ["pid 11", "pid 12", "pid 11"]
+
+
+def test_turns_per_worker_counts_each_series_per_worker() -> None:
+    figure = plots.turns_per_worker(ANSWERED, workers=[11, 12, 14])
+    assert names(figure) == ["one conversation", "a burst"]
+    assert list(figure.data[0].x) == ["pid 11", "pid 12", "pid 14", "pid 13"]
+    assert list(figure.data[0].y) == [2, 1, 0, 0]
+    assert list(figure.data[1].y) == [0, 2, 0, 1]
+
+
+def test_shutdown_timeline_puts_streams_sigterm_and_grace_on_one_clock() -> None:
+    token = {"delta": "x"}
+    cut = ChatTurn(
+        status=200,
+        sent_at=10.0,
+        events=[
+            (0.01, "connected", {}),
+            *((t, "message", token) for t in (0.1, 0.2, 0.3)),
+            (0.35, "error", {"type": "shutdown", "message": "the server is shutting down"}),
+        ],
+    )
+    done = ChatTurn(status=200, sent_at=10.05, events=[(0.1, "message", token), (0.2, "completed", {})])
+    figure = plots.shutdown_timeline([cut, done], sigterm_at=10.15, grace=0.1)
+    assert names(figure) == ["stream 1", "stream 2", "ended: shutdown", "ended: completed"]
+    assert list(figure.data[0].x) == pytest.approx([0.1, 0.2, 0.3])
+    assert list(figure.data[0].y) == [1, 2, 3]
+    assert list(figure.data[1].x) == pytest.approx([0.15])  # sent 50 ms after the first
+    shutdown, completed = figure.data[2:]
+    assert (list(shutdown.x), list(shutdown.y)) == (pytest.approx([0.35]), [3])
+    assert (list(completed.x), list(completed.y)) == (pytest.approx([0.25]), [1])
+    grace, sigterm = figure.layout.shapes
+    assert (grace.x0, grace.x1) == pytest.approx((0.15, 0.25))
+    assert sigterm.x0 == sigterm.x1 == pytest.approx(0.15)
+    with pytest.raises(ValueError, match="no streams"):
+        plots.shutdown_timeline([], sigterm_at=0.0)
