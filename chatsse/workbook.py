@@ -250,6 +250,10 @@ async def _stream(
                     view.http_error(turn)
                 return turn
             async for event in source.aiter_sse():
+                if not event.data:
+                    # A keepalive comment after an event with an id: httpx-sse hands it on as an
+                    # event with no data, which the WHATWG algorithm never dispatches.
+                    continue
                 at = time.perf_counter() - started
                 data = json.loads(event.data)
                 turn.events.append((at, event.event, data))

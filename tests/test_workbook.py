@@ -17,7 +17,7 @@ from jupyter_client.blocking import BlockingKernelClient
 from jupyter_client.manager import start_new_kernel
 from traitlets.config import Config
 
-from chatsse.chaos import client_connections
+from chatsse.chaos import client_ports
 from chatsse.processes import GunicornServer
 from chatsse.workbook import (
     LIVE_UPDATES_PER_SECOND,
@@ -50,6 +50,15 @@ async def test_stream_turn_prints_tokens_as_they_arrive_and_returns_the_reply(se
     assert 0 < turn.ttft <= turn.total
     assert len(turn.token_times) == turn.usage["completion_tokens"]
     assert turn.finish_reason == "stop"
+
+
+@pytest.mark.anyio
+async def test_keepalive_comments_between_events_are_not_events(serve: Serve) -> None:
+    # A slow first token: keepalive comments follow the connected event (which has an id).
+    server = serve(sse_keepalive_interval=0.1, sim_ttft_ms=400)
+    turn = await stream_turn(server.url, "take your time", show=False)
+    assert turn.finish_reason == "stop"
+    assert [name for _, name, _ in turn.events][:2] == ["connected", "message"]
 
 
 @pytest.mark.anyio
@@ -229,5 +238,5 @@ async def test_worker_turn_names_the_worker_that_holds_the_turns_connection(tmp_
             async with anyio.create_task_group() as streams:
                 streams.start_soon(turn, server.url)
                 await anyio.sleep(0.3)  # mid-stream (40 tokens 20 ms apart): ask /proc, independently
-                holding = [pid for pid, n in client_connections(workers, server.port).items() if n]
+                holding = [pid for pid, ports in client_ports(workers, server.port).items() if ports]
             assert holding == answered
