@@ -74,8 +74,12 @@ run-dev: $(STAMP) ## one uvicorn process with auto-reload on code changes
 run-model: $(MODEL_STAMP) ## chatsse on CHATSSE_PORT (8000) in front of SmolLM2-135M on a llama.cpp server (CPU)
 	$(BIN)/python scripts/run_model.py
 
-test: $(STAMP) $(KERNEL) ## run the test suite and every notebook (quick mode), TEST_WORKERS processes at once
-	CHATSSE_QUICK=1 $(BIN)/pytest tests notebooks --nbmake --nbmake-timeout=180 -m "not model" \
+# Every notebook runs with its exercises (tests/exercised.py writes the copies nbmake runs).
+EXERCISED := tests/.exercised
+
+test: $(STAMP) $(KERNEL) ## run the test suite and every notebook with its exercises (quick mode), TEST_WORKERS processes at once
+	$(BIN)/python tests/exercised.py $(EXERCISED) $(NOTEBOOKS)
+	CHATSSE_QUICK=1 $(BIN)/pytest tests $(EXERCISED) --nbmake --nbmake-timeout=180 --overwrite -m "not model" \
 		-n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 fuzz: $(STAMP) ## fuzz every route with schemathesis against a running server (FUZZ_EXAMPLES per route)

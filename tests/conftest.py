@@ -1,11 +1,14 @@
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
+import nbformat
 import openai
 import pytest
+from exercised import unexplained_results
 
 from chatsse import Settings, create_app
 from chatsse.inprocess import InProcessServer
@@ -68,3 +71,23 @@ def sdk() -> Iterator[SDK]:
     yield make
     for client in clients:
         client.close()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
+    """A notebook that ran (nbmake, ``--overwrite``: its outputs written back) fails if a result
+    of its own has no sentence after it (tests/exercised.py)."""
+    report = yield
+    if (
+        call.when == "call"
+        and report.passed
+        and getattr(item, "nbmake", False)
+        and item.config.option.overwrite
+    ):
+        executed = nbformat.read(Path(item.config.rootpath) / item.filename, as_version=4)  # type: ignore[attr-defined]
+        unexplained = unexplained_results(executed)
+        if unexplained:
+            report.outcome = "failed"
+            shown = "\n---\n".join(source[:300] for source in unexplained)
+            report.longrepr = f"results with no markdown cell after them to say what they show:\n{shown}"
+    return report
