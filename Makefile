@@ -18,8 +18,8 @@ NOTEBOOKS := $(wildcard notebooks/*.ipynb)
 URL ?= http://127.0.0.1:8000
 LOAD_ARGS ?= --requests 200 --concurrency 20
 FUZZ_EXAMPLES ?= 500
-# Test processes (pytest-xdist): most tests wait on real servers and sockets, so more processes
-# than cores still shortens the run; 0 runs everything in one process.
+# Test processes (pytest-xdist, each test file on one): most tests wait on real servers and
+# sockets, so more processes than cores still shortens the run; 0 runs everything in one.
 TEST_WORKERS ?= 3
 SOAK_ARGS ?=
 CHAOS_ARGS ?=
@@ -75,12 +75,12 @@ run-model: $(MODEL_STAMP) ## chatsse on CHATSSE_PORT (8000) in front of SmolLM2-
 	$(BIN)/python scripts/run_model.py
 
 # Every notebook runs with its exercises (tests/exercised.py writes the copies nbmake runs).
-EXERCISED := tests/.exercised
+EXERCISED := tests/notebook_runs
 
 test: $(STAMP) $(KERNEL) ## run the test suite and every notebook with its exercises (quick mode), TEST_WORKERS processes at once
 	$(BIN)/python tests/exercised.py $(EXERCISED) $(NOTEBOOKS)
-	CHATSSE_QUICK=1 $(BIN)/pytest tests $(EXERCISED) --nbmake --nbmake-timeout=180 --overwrite -m "not model" \
-		-n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	CHATSSE_QUICK=1 $(BIN)/pytest tests --nbmake --nbmake-timeout=180 --overwrite -m "not model" \
+		-n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 fuzz: $(STAMP) ## fuzz every route with schemathesis against a running server (FUZZ_EXAMPLES per route)
 	CHATSSE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest tests/test_fuzz.py $(PYTEST_ARGS)

@@ -17,9 +17,6 @@ from support import chat, require_binary, wait_for
 
 from chatsse.processes import free_port
 
-# Under xdist (make test) one worker runs this module: one wheel and environment serve it all.
-pytestmark = pytest.mark.xdist_group("packaging")
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -43,7 +40,7 @@ def _run(*args: str | Path, cwd: Path = ROOT) -> None:
     subprocess.run([str(a) for a in args], cwd=cwd, check=True, capture_output=True, timeout=300)
 
 
-@pytest.fixture(scope="session")  # not "module": xdist runs other tests between these, which would redo it
+@pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     uv = _uv()
     base = tmp_path_factory.mktemp("wheel")

@@ -17,9 +17,6 @@ from support import require_binary
 
 from chatsse.processes import GunicornServer
 
-# Under xdist (make test) one worker runs this module: its gunicorn servers serve it all.
-pytestmark = pytest.mark.xdist_group("page")
-
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
     "--disable-component-update", "--disable-sync", "--no-first-run",
@@ -35,7 +32,7 @@ ENV = {
 XSS = "<img src=x onerror=alert(1)>"
 
 
-@pytest.fixture(scope="session")  # not "module": xdist runs other tests between these, which would redo it
+@pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
     store = f"sqlite:///{tmp_path_factory.mktemp('page') / 'c.db'}"
     with GunicornServer(workers=2, store=store, env=ENV) as s:
@@ -218,7 +215,7 @@ LONG = {**ENV, "CHATSSE_SIM_TOKEN_INTERVAL_MS": "20", "CHATSSE_SIM_REPLY_TOKENS_
         "CHATSSE_SIM_REPLY_TOKENS_MAX": "150", "CHATSSE_SSE_RETRY_MS": "300"}  # fmt: skip
 
 
-@pytest.fixture(scope="session")  # not "module": xdist runs other tests between these, which would redo it
+@pytest.fixture(scope="module")
 def long_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
     store = f"sqlite:///{tmp_path_factory.mktemp('page-resume') / 'c.db'}"
     with GunicornServer(workers=2, store=store, env=LONG) as s:

@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -347,9 +346,11 @@ def test_metrics_live_in_a_directory_of_chatsses_own_inside_the_operators(tmp_pa
 
 
 def test_without_an_operators_directory_metrics_go_to_a_fresh_temporary_one(tmp_path: Path) -> None:
-    before = set(Path(tempfile.gettempdir()).glob("chatsse-metrics-*"))
-    with GunicornServer(workers=1, store=f"sqlite:///{tmp_path / 'c.db'}", env=FAST_ENV) as server:
-        made = set(Path(tempfile.gettempdir()).glob("chatsse-metrics-*")) - before
+    temp = tmp_path / "tmp"  # the server's temporary directory, its own: other tests run servers too
+    temp.mkdir()
+    env = {**FAST_ENV, "TMPDIR": str(temp)}
+    with GunicornServer(workers=1, store=f"sqlite:///{tmp_path / 'c.db'}", env=env) as server:
+        made = set(temp.glob("chatsse-metrics-*"))
         assert len(made) == 1
         assert httpx.get(f"{server.url}/metrics").status_code == 200
     assert not made.pop().exists()

@@ -28,9 +28,6 @@ from chatsse.traffic import (
     missing_turns,
 )
 
-# Under xdist (make test) one worker runs this module: one chaos run serves it all.
-pytestmark = pytest.mark.xdist_group("chaos")
-
 SCRIPTS = Path(__file__).parent.parent / "scripts"
 
 
@@ -87,7 +84,7 @@ def test_quick_soak_passes_every_check(tmp_path: Path) -> None:
     assert "PASSED" in process.stdout
 
 
-@pytest.fixture(scope="session")  # not "module": xdist runs other tests between these, which would redo it
+@pytest.fixture(scope="module")
 def chaos(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Any]:
     """One quick chaos run (every fault, on both stores) for the tests below."""
     output = tmp_path_factory.mktemp("chaos") / "chaos.json"
