@@ -5,6 +5,7 @@ enough is cut at the write timeout."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import httpx
@@ -40,7 +41,17 @@ def test_what_the_kernel_queues_is_what_the_stalled_client_reads_later(serve: Se
     head = reader.stall()
     assert head.startswith(b"HTTP/1.1 200")
     assert wait_for(lambda: httpx.get(f"{server.url}/health").json()["this_worker"]["open_streams"] == 0, 10)
-    sample = reader.sample()
+
+    # Bytes on their way are counted twice for a moment (in the client's queue, not yet acked
+    # in the server's): read the queues once they hold still.
+    def queues(sample: QueueSample) -> tuple[int, int]:
+        return sample.server_send_queue, sample.client_receive_queue
+
+    previous, sample = None, reader.sample()
+    deadline = time.monotonic() + 5
+    while queues(sample) != previous and time.monotonic() < deadline:
+        time.sleep(0.05)
+        previous, sample = queues(sample), reader.sample()
     assert sample.server_state == "ESTABLISHED"
     assert sample.client_receive_queue > 0
     assert sample.server_send_queue > 0
