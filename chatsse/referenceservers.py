@@ -1,6 +1,7 @@
-"""The servers ``make bench`` and the workbook compare, each one uvicorn child process with the
-same options: chatsse (``POST /chat``, the simulated engine) and the two reference apps in the
-checkout's ``benchmarks/``: a bare ASGI app writing pre-encoded bytes (the floor for a Python
+"""The servers ``make bench`` and the workbook compare, each one uvicorn child process: chatsse
+(``POST /chat``, the simulated engine) as ``chatsse serve`` runs it, and the two reference apps
+in the checkout's ``benchmarks/`` under the uvicorn command with the same loop and HTTP parser
+(:func:`uvicorn_options`): a bare ASGI app writing pre-encoded bytes (the floor for a Python
 SSE server) and plain sse-starlette (``EventSourceResponse`` over ``ServerSentEvent`` objects).
 
 All send the same reply shape, ``connected``, one ``message`` event per token, ``completed``,
@@ -26,10 +27,11 @@ from chatsse.soak import TASKS_METRIC
 __all__ = ["CHECKOUT", "REFERENCE_APPS", "ReferenceServer", "reply_env", "uvicorn_options"]
 
 REFERENCE_APPS: Final = {
-    "bare-asgi": ("benchmarks.bare_asgi:app",),
-    "sse-starlette": ("benchmarks.sse_starlette_app:app",),
-    # As chatsse's server commands run it: the app, and the process's garbage collector tuned.
-    "chatsse": ("--factory", "chatsse.serving:create_served_app"),
+    "bare-asgi": "benchmarks.bare_asgi:app",
+    "sse-starlette": "benchmarks.sse_starlette_app:app",
+    # As chatsse's server commands run it (chatsse serve): the app, the process's garbage
+    # collector tuned, its connection limits, and a drain on SIGTERM.
+    "chatsse": "chatsse serve",
 }
 CHECKOUT: Final = Path(__file__).resolve().parent.parent
 """The checkout chatsse runs from; its ``benchmarks/`` holds the reference apps."""
@@ -62,6 +64,9 @@ def reply_env(app: str, *, tokens: int, interval_ms: float) -> dict[str, str]:
             "CHATSSE_LOG_LEVEL": "warning",
             "CHATSSE_MAX_CONVERSATIONS": "10000000",
             "CHATSSE_MAX_STREAMS_PER_WORKER": "1000000",
+            # A benchmark ends by dropping its streams: the replies whose clients left must not
+            # hold the server's stop for the whole resume window (a served one gets it).
+            "CHATSSE_SHUTDOWN_GRACE_PERIOD": "0.5",
         }
     return {
         "BENCH_REPLY_TOKENS": str(tokens),
@@ -92,8 +97,12 @@ class ReferenceServer(ServerProcess):
             raise ServerProcessError(
                 f"{self.app} is one of the checkout's benchmarks/, not found in {CHECKOUT}"
             )
-        command = [sys.executable, "-m", "uvicorn", *REFERENCE_APPS[self.app], "--app-dir", str(CHECKOUT)]
-        command += ["--host", self.host, "--port", str(self.port), *uvicorn_options()]
+        where = ["--host", self.host, "--port", str(self.port)]
+        if self.app == "chatsse":
+            command = [sys.executable, "-m", "chatsse", "serve", *where]
+        else:
+            command = [sys.executable, "-m", "uvicorn", REFERENCE_APPS[self.app], "--app-dir", str(CHECKOUT)]
+            command += [*where, *uvicorn_options()]
         if self.core is not None:
             command = ["taskset", "-c", str(self.core), *command]
         return command

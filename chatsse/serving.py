@@ -129,7 +129,7 @@ def tune_garbage_collector() -> None:
 
 def create_served_app() -> Any:
     """``create_app()`` with the process tuned as chatsse's server commands tune it, for
-    ``uvicorn --factory chatsse.serving:create_served_app`` (``make bench`` runs it so)."""
+    ``uvicorn --factory chatsse.serving:create_served_app``."""
     from chatsse.app import create_app  # here: this module must not import the app at import
 
     app = create_app()

@@ -1,17 +1,17 @@
 """What does chatsse cost per streamed event, per request, per open stream? Real servers, real sockets.
 
-Each server under test runs as its own uvicorn process (same options for all), pinned to
-core 0; this script is the load client (``chatsse.loadgen``), pinned to core 1. Servers:
+Each server under test runs as its own uvicorn process (``chatsse.referenceservers``), pinned
+to core 0; this script is the load client (``chatsse.loadgen``), pinned to core 1. Servers:
 
 - ``bare-asgi``: ``benchmarks/bare_asgi.py``, pre-encoded SSE bytes (the floor for Python).
 - ``sse-starlette``: ``benchmarks/sse_starlette_app.py``, plain ``EventSourceResponse`` usage.
-- ``chatsse``: the real app, ``POST /chat``, simulated engine configured by environment, in
-  a process tuned as chatsse's server commands tune theirs
-  (``chatsse.serving.create_served_app``: the garbage collector's thresholds).
+- ``chatsse``: the real app, ``POST /chat``, simulated engine configured by environment, as
+  ``chatsse serve`` runs it (the garbage collector's thresholds, its connection limits, a
+  drain on SIGTERM). The references run under ``uvicorn`` with the same loop and parser.
 
 All send the same reply shape: ``connected``, one ``message`` event per token, ``completed``.
 
-Measurements (server CPU = utime + stime of the server process, from ``/proc/<pid>/stat``):
+Measurements (server CPU = the server process's CPU clock, ``chatsse.servercost.cpu_seconds``):
 
 1. CPU per streamed event, bursts: long replies, zero delays, closed loop; server CPU /
    events. Each reply is written in one tight loop, so how many events the kernel merges
