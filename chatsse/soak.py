@@ -116,6 +116,7 @@ class SoakConfig:
     fd_tolerance: int = FD_TOLERANCE
     request_timeout: float = 30.0
     sample_every: float = 60.0  # seconds between two busy samples of the workers (the timeline)
+    idle_reads: int = 3  # samples of each worker at rest, 1.1 s apart, of which the minimum counts
     env: dict[str, str] = field(default_factory=lambda: dict(SERVER_ENV))
 
     @property
@@ -123,8 +124,8 @@ class SoakConfig:
         return int(self.env.get("CHATSSE_MAX_MESSAGE_SIZE", "16384"))
 
 
-QUICK = SoakConfig(duration=10.0, warmup=5.0, concurrency=20, sample_every=4.0)
-"""A short run for tests and CI: every part of a full one, in about 30 s."""
+QUICK = SoakConfig(duration=5.0, warmup=3.0, concurrency=20, sample_every=2.0, idle_reads=2)
+"""A short run for tests and CI: every part of a full one, in about 20 s."""
 
 
 # --- the workers, seen from outside ---
@@ -376,7 +377,7 @@ async def arun_soak(
         log(f"warm-up: {config.warmup:g} s at concurrency {config.concurrency}")
         record = await traffic.run(duration=config.warmup)
         warmup = _phase(record, began)
-        idle_start = await idle_samples(http, url, start_pids)
+        idle_start = await idle_samples(http, url, start_pids, reads=config.idle_reads)
         idle_start_at = time.monotonic() - began
         size_start = await store_size(http, url, store)
         log(f"at rest after the warm-up: {_workers_line(idle_start)}; store {size_start}")
@@ -393,7 +394,7 @@ async def arun_soak(
         traffic_phase = _phase(main, began)
         record.extend(main)
         drained = await wait_idle(http, url)
-        idle_end = await idle_samples(http, url, start_pids)
+        idle_end = await idle_samples(http, url, start_pids, reads=config.idle_reads)
         idle_end_at = time.monotonic() - began
         end_pids = server.worker_pids()
         size_end = await store_size(http, url, store)
