@@ -1004,19 +1004,42 @@ async def test_sqlite_locked_longer_than_its_timeout_is_storage_unavailable(tmp_
 
 
 @pytest.mark.anyio
-async def test_sqlite_close_stops_its_thread(tmp_path: Path) -> None:
+async def test_sqlite_close_stops_its_threads(tmp_path: Path) -> None:
     def sqlite_threads() -> set[threading.Thread]:
         return {t for t in threading.enumerate() if t.name.startswith("chatsse-sqlite")}
 
     before = sqlite_threads()
     store = SQLiteStore(tmp_path / "chat.db", LIMITS)
-    await store.count()
-    assert len(sqlite_threads() - before) == 1
+    await store.count()  # a read: the reader's thread
+    assert len(sqlite_threads() - before) == 2
     await store.close()
     await store.close()  # idempotent
     assert sqlite_threads() - before == set()
     with pytest.raises(RuntimeError, match="closed"):
         await store.count()
+
+
+@pytest.mark.anyio
+async def test_sqlite_reads_answer_while_a_write_waits_for_another_processs_lock(tmp_path: Path) -> None:
+    path = tmp_path / "chat.db"
+    store = SQLiteStore(path, LIMITS, timeout=5.0)
+    try:
+        await store.create("c1")
+        other = sqlite3.connect(path, isolation_level=None)  # another process's write lock
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            user = Message("u-1", "user", "hi", 0.0)
+            write = asyncio.ensure_future(store.begin_turn("c1", user, token="t", new=False, history=10))
+            await asyncio.sleep(0.1)  # the write is waiting on the lock, on the writer's thread
+            assert await store.count() == 1  # a read is not queued behind it
+            assert [info.id for info in await store.list(10)] == ["c1"]
+            assert not write.done()
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert [m.id for m in await write] == ["u-1"]  # and the write goes through once it can
+    finally:
+        await store.close()
 
 
 def test_sqlite_bad_path_fails_at_construction(tmp_path: Path) -> None:

@@ -182,8 +182,8 @@ class SQLiteSignals(_Watching):
         while self._watchers:
             try:
                 if seen is None:
-                    seen = await self._store.run(last_id)
-                for row_id, reply_id, kind in await self._store.run(since(seen)):
+                    seen = await self._store.run(last_id, read=True)
+                for row_id, reply_id, kind in await self._store.run(since(seen), read=True):
                     seen = row_id
                     self._deliver(reply_id, kind)
             except (StorageUnavailable, RuntimeError) as exc:  # a busy file, or the store closing

@@ -147,7 +147,7 @@ class SQLiteReplayLog:
             meta, age = ReplayMeta(conversation_id, front), now - (expires_at - self.limits.ttl)
             return Replay(meta, first, items[:limit], length or 0, bool(done), age)
 
-        return await self._store.run(load)
+        return await self._store.run(load, read=True)
 
     async def wait(self, reply_id: str, length: int, within: float) -> None:
         await asyncio.sleep(min(within, self.limits.poll_interval))

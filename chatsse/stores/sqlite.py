@@ -164,12 +164,18 @@ class SQLiteStore:
         self._clock = clock
         self._closed = False
         self._pid = os.getpid()
+        self._timeout = timeout
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatsse-sqlite")
         try:
             self._conn = self._executor.submit(self._open, timeout).result()
         except BaseException:
             self._executor.shutdown(wait=True)
             raise
+        # Reads on a connection and thread of their own: a write waiting for another process's
+        # lock (up to the busy timeout) holds up the writer's thread, and under WAL a reader
+        # needs no lock, so reads answer meanwhile. Opened on first use.
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatsse-sqlite-read")
+        self._read_conn: sqlite3.Connection | None = None
 
     def _open(self, timeout: float) -> sqlite3.Connection:
         if self.path != ":memory:":
@@ -193,21 +199,36 @@ class SQLiteStore:
             raise
         return conn
 
-    async def _run(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+    def _open_reader(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None)
+        conn.execute("PRAGMA query_only = ON")
+        return conn
+
+    def _on_reader(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+        if self._read_conn is None:
+            self._read_conn = self._open_reader()
+        return operation(self._read_conn)
+
+    async def _run(self, operation: Callable[[sqlite3.Connection], T], *, read: bool = False) -> T:
+        """``operation`` on the writer's connection and thread, or with ``read`` on the
+        reader's (an in-memory database has one connection: its reads stay on the writer's)."""
         if self._closed:
             raise RuntimeError("the store is closed")
         if os.getpid() != self._pid:  # its thread and connection did not survive the fork
             raise RuntimeError("SQLiteStore used after a fork: open the store in each worker process")
         loop = asyncio.get_running_loop()
         try:
+            if read and self.path != ":memory:":
+                return await loop.run_in_executor(self._reader, self._on_reader, operation)
             return await loop.run_in_executor(self._executor, operation, self._conn)
         except sqlite3.Error as exc:
             raise StorageUnavailable(f"the SQLite store failed: {type(exc).__name__}: {exc}") from exc
 
-    async def run(self, operation: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``operation`` on the store's connection, on its thread (for the replay log,
-        chatsse/replay/sqlite.py, which keeps its tables in the same file)."""
-        return await self._run(operation)
+    async def run(self, operation: Callable[[sqlite3.Connection], T], *, read: bool = False) -> T:
+        """Run ``operation`` on the store's connection, on its thread, or with ``read`` (it
+        writes nothing) on the reader's (for the replay log, the limits and the signals, which
+        keep their tables in the same file)."""
+        return await self._run(operation, read=read)
 
     def run_now(self, operation: Callable[[sqlite3.Connection], T]) -> T:
         """The same, blocking the caller: for set-up, before the event loop runs."""
@@ -374,7 +395,7 @@ class SQLiteStore:
             ).fetchone()
             return None if row is None else ConversationInfo(*row)
 
-        return await self._run(info)
+        return await self._run(info, read=True)
 
     async def messages(
         self, conversation_id: str, last: int | None = None, *, owner: str = ""
@@ -393,7 +414,7 @@ class SQLiteStore:
                     return []
                 return _last_messages(conn, conversation_id, row[0], row[0] if last is None else last)
 
-        return await self._run(messages)
+        return await self._run(messages, read=True)
 
     async def delete(self, conversation_id: str, *, owner: str = "") -> bool:
         times = self._times()
@@ -426,7 +447,7 @@ class SQLiteStore:
             ).fetchall()
             return [ConversationInfo(*row) for row in rows]
 
-        return await self._run(list_)
+        return await self._run(list_, read=True)
 
     async def count(self, *, owner: str | None = None) -> int:
         times = self._times()
@@ -446,7 +467,7 @@ class SQLiteStore:
             ).fetchone()
             return int(fresh + held)
 
-        return await self._run(count)
+        return await self._run(count, read=True)
 
     async def close(self) -> None:
         """Close the connection on its thread, then stop the (now idle) thread."""
@@ -456,5 +477,8 @@ class SQLiteStore:
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(self._executor, self._conn.close)
+            if self._read_conn is not None:
+                await loop.run_in_executor(self._reader, self._read_conn.close)
         finally:
             self._executor.shutdown(wait=True)
+            self._reader.shutdown(wait=True)
