@@ -73,6 +73,28 @@ def sdk() -> Iterator[SDK]:
         client.close()
 
 
+# The test files that take a minute or so each (gunicorns of their own, benchmarks, a chaos run),
+# longest first, then the notebooks: under xdist (make test) they start at once, not last.
+HEAVY = (
+    "test_resume.py",
+    "test_serving.py",
+    "test_bench.py",
+    "test_soak.py",
+    "test_limits.py",
+    "test_page.py",
+)
+
+
+def _weight(item: pytest.Item) -> int:
+    if item.path.name in HEAVY:
+        return HEAVY.index(item.path.name)
+    return len(HEAVY) + (item.path.suffix != ".ipynb")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=_weight)  # stable: each file's tests keep their order
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
     """A notebook that ran (nbmake, ``--overwrite``: its outputs written back) fails if a result
