@@ -80,7 +80,7 @@ EXERCISED := tests/notebook_runs
 test: $(STAMP) $(KERNEL) ## run the test suite and every notebook with its exercises (quick mode), TEST_WORKERS processes at once
 	$(BIN)/python tests/exercised.py $(EXERCISED) $(NOTEBOOKS)
 	CHATSSE_QUICK=1 $(BIN)/pytest tests --nbmake --nbmake-timeout=180 --overwrite -m "not model" \
-		-n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+		-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 fuzz: $(STAMP) ## fuzz every route with schemathesis against a running server (FUZZ_EXAMPLES per route)
 	CHATSSE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest tests/test_fuzz.py $(PYTEST_ARGS)
