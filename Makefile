@@ -20,7 +20,7 @@ LOAD_ARGS ?= --requests 200 --concurrency 20
 FUZZ_EXAMPLES ?= 500
 # Test processes (pytest-xdist, each test file on one): most tests wait on real servers and
 # sockets, so more processes than cores still shortens the run; 0 runs everything in one.
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 5
 SOAK_ARGS ?=
 CHAOS_ARGS ?=
 

@@ -112,7 +112,9 @@ class ChaosConfig:
         return int(self.env.get("CHATSSE_MAX_MESSAGE_SIZE", "16384"))
 
 
-QUICK = ChaosConfig(concurrency=10, before=2.5, between=1.5, redis_down=2.0, disk_hold=2.0, tmpfs_mib=256)
+QUICK = ChaosConfig(
+    concurrency=6, before=1.5, between=1.0, redis_down=1.5, disk_hold=1.5, tmpfs_mib=64, workers=2
+)
 """Every fault, briefly: tests and CI (about a minute)."""
 
 

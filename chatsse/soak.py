@@ -124,7 +124,7 @@ class SoakConfig:
         return int(self.env.get("CHATSSE_MAX_MESSAGE_SIZE", "16384"))
 
 
-QUICK = SoakConfig(duration=5.0, warmup=3.0, concurrency=20, sample_every=2.0, idle_reads=2)
+QUICK = SoakConfig(duration=5.0, warmup=3.0, concurrency=10, sample_every=2.0, idle_reads=2)
 """A short run for tests and CI: every part of a full one, in about 20 s."""
 
 

@@ -273,10 +273,14 @@ class WorkerConnection:
         self._progress = asyncio.Event()
 
     @classmethod
-    async def open(cls, url: str, *, avoid: Collection[int] = (), attempts: int = 50) -> WorkerConnection:
+    async def open(cls, url: str, *, avoid: Collection[int] = (), attempts: int = 200) -> WorkerConnection:
         """A connection served by a worker whose pid is not in ``avoid``: new connections are
-        opened until one lands on such a worker (the kernel hands each to one worker)."""
-        for _ in range(attempts):
+        opened until one lands on such a worker (the kernel hands each to one worker). Between
+        misses the client pauses a little longer each time (up to 50 ms): on a busy machine the
+        worker that is running takes every connection until the others get the CPU."""
+        for attempt in range(attempts):
+            if attempt:
+                await asyncio.sleep(min(0.05, 0.002 * attempt))
             client = httpx.AsyncClient(base_url=url, timeout=_TIMEOUT, limits=_ONE_CONNECTION)
             response = await client.get("/health")
             response.raise_for_status()

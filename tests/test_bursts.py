@@ -57,9 +57,11 @@ def test_a_burst_gets_no_more_streams_at_once_than_its_keys_limit(serve: Serve, 
     keys_file = tmp_path / "keys.json"
     _, key = create_key(keys_file, "burst", limits=KeyLimits(max_streams=2, requests_per_minute=600))
     server = serve(keys_file=str(keys_file), **SLOW)
-    record = asyncio.run(burst(server.url, key, clients=6, duration=0.6, pause=0.05))
+    record = asyncio.run(burst(server.url, key, clients=6, duration=2.0, pause=0.05))
     assert Counter(a.status for a in record.first_wave) == {200: 2, 429: 4}  # sent at once: exactly 2 in
-    assert record.most_open() == 2
+    # (How many were open at once, as the clients saw it, is not asserted: a client reads a
+    # stream's end late when its loop is busy, so its view overlaps streams the server never
+    # held together. tests/test_limits.py counts the server's own leases.)
     assert len(record.admitted) > 2  # freed slots were taken again
     assert {a.status for a in record.attempts} == {200, 429}
     for refused in record.refused:

@@ -306,53 +306,35 @@ def _server_store(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> 
     return url
 
 
-async def _stream(
-    client: httpx.AsyncClient, intervals: list[tuple[float, float]], statuses: list[int]
-) -> None:
+async def _stream(client: httpx.AsyncClient, statuses: list[int]) -> None:
     async with client.stream("POST", "/chat", json={"message": "load"}) as response:
         statuses.append(response.status_code)
         if response.status_code != 200:
             await response.aread()
             return
-        opened = time.monotonic()
         async for _ in response.aiter_bytes():
             pass
-        intervals.append((opened, time.monotonic()))
 
 
-def _most_at_once(intervals: list[tuple[float, float]], slack: float = 0.0) -> int:
-    """The most intervals open at one instant, each shortened by ``slack`` at both ends (the
-    client's own clock readings lag by a few ms when its loop has several sockets to read)."""
-    edges = sorted(
-        [(start + slack, 1) for start, _ in intervals] + [(end - slack, -1) for _, end in intervals]
-    )
-    most = current = 0
-    for _, step in edges:
-        current += step
-        most = max(most, current)
-    return most
-
-
-async def _burst_and_churn(url: str, limit: int) -> tuple[list[int], list[int], list[tuple[float, float]]]:
+async def _burst_and_churn(url: str, limit: int) -> tuple[list[int], list[int]]:
     """40 long streams at once; then 3x the limit of clients looping short streams for 4 s."""
     limits = httpx.Limits(
         max_connections=200, max_keepalive_connections=0
     )  # a new connection each: any worker
     async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
         burst: list[int] = []
-        await asyncio.gather(*(_stream(client, [], burst) for _ in range(40)))
+        await asyncio.gather(*(_stream(client, burst) for _ in range(40)))
         statuses: list[int] = []
-        intervals: list[tuple[float, float]] = []
         stop_at = time.monotonic() + 4
 
         async def loop() -> None:
             while time.monotonic() < stop_at:
-                await _stream(client, intervals, statuses)
+                await _stream(client, statuses)
                 if statuses[-1] == 429:
                     await asyncio.sleep(0.01)
 
         await asyncio.gather(*(loop() for _ in range(3 * limit)))
-    return burst, statuses, intervals
+    return burst, statuses
 
 
 class LeaseSampler:
@@ -409,12 +391,11 @@ def test_at_most_n_streams_are_ever_open_across_four_workers(
     }
     store = _server_store(kind, tmp_path, request)
     with GunicornServer(workers=4, store=store, env=env) as server, LeaseSampler(store) as leases:
-        burst, statuses, intervals = asyncio.run(_burst_and_churn(server.url, limit))
+        burst, statuses = asyncio.run(_burst_and_churn(server.url, limit))
     assert sorted(set(burst)) == [200, 429]
     assert burst.count(200) == limit  # exactly N of the 40 that came at once: none more, none fewer
     assert leases.samples > 1000
     assert leases.most == limit  # never more than N held; and the limit is used, not undershot
-    assert _most_at_once(intervals, slack=0.02) <= limit  # the streams as the clients saw them
     assert statuses.count(200) >= 2 * limit  # streams kept flowing through the limit
     assert set(statuses) <= {200, 429}
 

@@ -34,6 +34,7 @@ FAST_ENV = {
 }
 SLOW_ENV = {**FAST_ENV, "CHATSSE_SIM_TOKEN_INTERVAL_MS": "50"}
 MAX_HISTORY = 6
+USERS, TURNS = 20, 4  # the fourth turn's prompt is trimmed to MAX_HISTORY
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +105,7 @@ def test_multi_turn_chats_across_four_workers(
     store = _store_url(kind, tmp_path, request)
     env = {**FAST_ENV, "CHATSSE_MAX_HISTORY_LENGTH": str(MAX_HISTORY)}
     with GunicornServer(workers=4, store=store, env=env) as server:
-        problems = asyncio.run(_run_users(server.url, users=50, turns=5))
+        problems = asyncio.run(_run_users(server.url, users=USERS, turns=TURNS))
         assert problems == []
 
         # Several workers served: fresh connections reach different processes.
@@ -115,13 +116,14 @@ def test_multi_turn_chats_across_four_workers(
         # Every worker's counts are in every scrape.
         for _ in range(3):
             text = httpx.get(f"{server.url}/metrics").text
-            assert metric_value(text, "chatsse_http_requests_total", route="/chat", status="200") == 250
+            served = metric_value(text, "chatsse_http_requests_total", route="/chat", status="200")
+            assert served == USERS * TURNS
             outcomes = sum(metric_value(text, "chatsse_streams_total", outcome=o) for o in ("stop", "length"))
-            assert outcomes == 250
+            assert outcomes == USERS * TURNS
             assert metric_value(text, "chatsse_open_streams") == 0
         stats = httpx.get(f"{server.url}/stats").json()
-        assert stats["all_workers"]["requests_by_status"]["200"] >= 250 + 40
-        assert stats["all_workers"]["conversations"] == 50
+        assert stats["all_workers"]["requests_by_status"]["200"] >= USERS * TURNS + 40
+        assert stats["all_workers"]["conversations"] == USERS
         assert stats["store"] == kind
         # Each worker tuned its garbage collector when it started.
         assert stats["this_worker"]["gc"]["thresholds"] == list(GC_THRESHOLDS)

@@ -1,21 +1,27 @@
 """Replay logs in the Redis of the conversations (``CHATSSE_STORE=redis://...``): a hash of
 facts and a list of items per reply, written and read by Lua scripts (one atomic step, one
 round trip each: a batch of appends to many logs is one script call),
-expiring on Redis's own clock. Readers on any machine look again every ``poll_interval``."""
+expiring on Redis's own clock. Readers on any machine look again every ``poll_interval``.
+And the replies' signals (``RedisSignals``): a ``PUBLISH`` each, one subscription per worker."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections.abc import Sequence
 
 from redis.exceptions import RedisError
 
 from chatsse.errors import StorageUnavailable
+from chatsse.logs import get_logger
 from chatsse.replay.base import Replay, ReplayLimits, ReplayMeta, ReplayWrite
+from chatsse.replay.signals import SignalKind, _Watching
 from chatsse.stores.redis import RedisStore
 
-__all__ = ["RedisReplayLog"]
+__all__ = ["RedisReplayLog", "RedisSignals"]
+
+log = get_logger("chatsse.replay")
 
 # Many appends in one call. KEYS: a facts hash and an items list per log. ARGV: max_items,
 # ttl_ms, then per log: start, done, conversation_id, front, the number of items, the items.
@@ -107,3 +113,38 @@ class RedisReplayLog:
 
     async def close(self) -> None:
         return None  # the store closes the client
+
+
+_RECONNECT = 0.5  # seconds before a lost Redis subscription is made again
+
+
+class RedisSignals(_Watching):
+    """``PUBLISH <prefix>signals "<kind> <reply id>"``; a subscription per watching worker."""
+
+    def __init__(self, store: RedisStore) -> None:
+        super().__init__()
+        self._redis = store._redis
+        self._channel = store.prefix + "signals"
+
+    async def send(self, reply_id: str, kind: SignalKind) -> None:
+        try:
+            await self._redis.publish(self._channel, f"{kind} {reply_id}")
+        except RedisError as exc:
+            raise StorageUnavailable(f"the Redis store failed: {type(exc).__name__}: {exc}") from exc
+
+    async def _listen(self) -> None:
+        while self._watchers:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self._channel)
+                while self._watchers:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None:
+                        kind, _, reply_id = str(message["data"]).partition(" ")
+                        self._deliver(reply_id, kind)
+            except RedisError as exc:  # Redis restarted: subscribe again
+                log.warning("signal_subscription_lost", error=f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(_RECONNECT)
+            finally:
+                with contextlib.suppress(RedisError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]

@@ -27,12 +27,9 @@ import time
 from collections.abc import Callable
 from typing import Final, Literal, Protocol
 
-from redis.exceptions import RedisError
-
 from chatsse.errors import StorageUnavailable
 from chatsse.logs import get_logger
 from chatsse.stores.base import ConversationStore
-from chatsse.stores.redis import RedisStore
 from chatsse.stores.sqlite import SQLiteStore, _transaction
 
 __all__ = [
@@ -40,7 +37,6 @@ __all__ = [
     "SIGNAL_POLL",
     "STOP",
     "MemorySignals",
-    "RedisSignals",
     "ReplySignals",
     "SQLiteSignals",
     "SignalKind",
@@ -55,7 +51,6 @@ RESUMED: Final = "resumed"
 _KINDS: Final = frozenset((STOP, RESUMED))
 SIGNAL_POLL: Final = 0.02  # seconds between two looks at SQLite's signals, while watching
 _SIGNAL_TTL: Final = 60.0  # seconds a SQLite signal row is kept
-_RECONNECT: Final = 0.5  # seconds before a lost Redis subscription is made again
 
 OnSignal = Callable[[SignalKind], None]
 
@@ -191,42 +186,14 @@ class SQLiteSignals(_Watching):
             await asyncio.sleep(self.poll)
 
 
-class RedisSignals(_Watching):
-    """``PUBLISH <prefix>signals "<kind> <reply id>"``; a subscription per watching worker."""
-
-    def __init__(self, store: RedisStore) -> None:
-        super().__init__()
-        self._redis = store._redis
-        self._channel = store.prefix + "signals"
-
-    async def send(self, reply_id: str, kind: SignalKind) -> None:
-        try:
-            await self._redis.publish(self._channel, f"{kind} {reply_id}")
-        except RedisError as exc:
-            raise StorageUnavailable(f"the Redis store failed: {type(exc).__name__}: {exc}") from exc
-
-    async def _listen(self) -> None:
-        while self._watchers:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(self._channel)
-                while self._watchers:
-                    message = await pubsub.get_message(timeout=1.0)
-                    if message is not None:
-                        kind, _, reply_id = str(message["data"]).partition(" ")
-                        self._deliver(reply_id, kind)
-            except RedisError as exc:  # Redis restarted: subscribe again
-                log.warning("signal_subscription_lost", error=f"{type(exc).__name__}: {exc}")
-                await asyncio.sleep(_RECONNECT)
-            finally:
-                with contextlib.suppress(RedisError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-
-
 def open_signals(store: ConversationStore) -> ReplySignals:
     """The signals that reach every worker sharing ``store``."""
     if isinstance(store, SQLiteStore):
         return SQLiteSignals(store)
-    if isinstance(store, RedisStore):
+    if store.name == "redis":  # redis-py is imported only where a Redis store is used
+        from chatsse.replay.redis import RedisSignals
+        from chatsse.stores.redis import RedisStore
+
+        assert isinstance(store, RedisStore)
         return RedisSignals(store)
     return MemorySignals()
