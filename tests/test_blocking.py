@@ -26,7 +26,8 @@ def longest_gap(view: StreamView) -> float:
     return max(b - a for a, b in pairwise(view.token_times))
 
 
-def test_a_blocking_lookup_stalls_every_stream_and_one_in_a_thread_or_awaited_only_its_own() -> None:
+def _three_servers() -> dict[str, list[StreamView]]:
+    """The schedule's streams on three servers at once, one per way of looking up."""
     servers = {
         how: InProcessServer(
             create_app(
@@ -42,21 +43,28 @@ def test_a_blocking_lookup_stalls_every_stream_and_one_in_a_thread_or_awaited_on
                 *(read_chats(s.url, SCHEDULE, max_tokens=40) for s in servers.values())
             )
 
-        runs = dict(zip(servers, asyncio.run(run_all()), strict=True))
+        return dict(zip(servers, asyncio.run(run_all()), strict=True))
     finally:
         for server in servers.values():
             server.stop()
-    for how, views in runs.items():
-        assert all(v.ending == "completed" and len(v.tokens) == 40 for v in views), how
-    blocked = [longest_gap(v) for v in runs["time.sleep"][:2]]
-    assert min(blocked) >= LOOKUP * 0.9  # time.sleep sleeps at least that long, holding the loop
-    for how in ("to_thread", "asyncio.sleep"):
-        free = [longest_gap(v) for v in runs[how][:2]]
-        assert max(free) < min(blocked) / 2, how
-    # The lookup's own reply waits in every case: its first token comes after the lookup.
-    for views in runs.values():
-        lookup = views[2]
-        assert lookup.token_times[0] >= LOOKUP * 0.9
+
+
+def test_a_blocking_lookup_stalls_every_stream_and_one_in_a_thread_or_awaited_only_its_own() -> None:
+    # The three servers share this process: a busy machine that leaves it without the CPU for a
+    # while stalls every stream alike, and then no run can tell them apart. So up to three runs,
+    # of which one must show it; a lookup that blocked its loop would fail all three.
+    for _ in range(3):
+        runs = _three_servers()
+        for how, views in runs.items():
+            assert all(v.ending == "completed" and len(v.tokens) == 40 for v in views), how
+            # The lookup's own reply waits in every case: its first token comes after the lookup.
+            assert views[2].token_times[0] >= LOOKUP * 0.9, how
+        blocked = [longest_gap(v) for v in runs["time.sleep"][:2]]
+        assert min(blocked) >= LOOKUP * 0.9  # time.sleep sleeps at least that long, holding the loop
+        free = {how: [longest_gap(v) for v in runs[how][:2]] for how in ("to_thread", "asyncio.sleep")}
+        if all(max(gaps) < min(blocked) / 2 for gaps in free.values()):
+            return
+    raise AssertionError(f"a lookup off the loop stalled the other streams: {free}, blocked {blocked}")
 
 
 def user(content: str) -> list[Message]:

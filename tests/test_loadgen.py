@@ -252,23 +252,27 @@ def _conversations(url: str) -> list[list[dict[str, object]]]:
 
 
 def test_closed_loop_multi_turn_users_share_one_conversation(serve: Serve) -> None:
-    server = serve(max_reply_tokens=5)  # replies of one length: the users keep pace with each other
+    server = serve(max_reply_tokens=5)
     config = LoadConfig(requests=9, concurrency=3, turns=3, think_time=0.05)
     result = run_load_test(ChatsseTarget(server.url), config)
+    assert len(result.records) == 9
     assert all(r.ok for r in result.records)
     by_user: dict[int, list[RequestRecord]] = {}
     for r in result.records:
         by_user.setdefault(r.user_id, []).append(r)
-    assert sorted(by_user) == [0, 1, 2]
+    # Usually three users of three turns each; on a busy machine a user that got ahead finishes
+    # its three and starts a fourth while another is still on its second.
+    assert sorted(by_user)[:3] == [0, 1, 2]
+    assert max(len(turns) for turns in by_user.values()) == 3
     for turns in by_user.values():
-        assert [r.turn for r in turns] == [0, 1, 2]
+        assert [r.turn for r in turns] == list(range(len(turns)))  # at most three, in order
         for before, after in itertools.pairwise(turns):
             assert before.end is not None
             assert after.intended_start == pytest.approx(before.end + 0.05)
             assert after.sent >= after.intended_start
+    # Each user's turns went into one conversation of its own.
     conversations = _conversations(server.url)
-    assert len(conversations) == 3
-    assert all(len(messages) == 6 for messages in conversations)
+    assert sorted(len(messages) for messages in conversations) == sorted(2 * len(t) for t in by_user.values())
 
 
 def test_open_loop_multi_turn_users(serve: Serve) -> None:
