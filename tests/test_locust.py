@@ -278,10 +278,22 @@ def test_distributed_mode_adds_up_every_workers_turns(serve: Serve, tmp_path: Pa
         *("--stop-timeout", "10", "--host", server.url, "--chat-think-time", "0.05", "--json-file", prefix),
         cwd=tmp_path,
     )
-    # "-f -": each worker takes the locustfile from the master.
+    # "-f -": each worker takes the locustfile from the master, and writes it into its temporary
+    # directory under the file's own name: a directory each, or one would import the file while
+    # the other rewrites it.
     worker_args: list[Any] = ["-f", "-", "--worker", "--master-host", "127.0.0.1", "--master-port", port]
-    workers = [_locust(*worker_args, cwd=tmp_path, env={"COUNTS": str(counts)}) for _ in range(2)]
-    output = _finish(master)
+    workers = []
+    for n in range(2):
+        (tmp_path / f"worker{n}").mkdir()
+        env = {"COUNTS": str(counts), "TMPDIR": str(tmp_path / f"worker{n}")}
+        workers.append(_locust(*worker_args, cwd=tmp_path, env=env))
+    try:
+        output = _finish(master)
+    except AssertionError:  # the master did not exit: neither will the workers
+        for worker in workers:
+            worker.kill()
+            worker.communicate()
+        raise
     for worker in workers:
         output += _finish(worker)
     assert master.returncode == 0, output
