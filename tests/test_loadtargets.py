@@ -537,12 +537,17 @@ def test_responses_on_text_receives_each_delta(fake_openai: tuple[FakeOpenAI, In
 def test_all_three_targets_measure_chatsse_by_the_same_measure(serve: Serve) -> None:
     """The same multi-turn load over chatsse's three fronts: every turn completes, and since
     each protocol carries the same history (stored, resent, or chained), every turn's reply
-    has the same number of tokens whichever way it was asked."""
+    has the same number of tokens whichever way it was asked.
+
+    Every conversation sends the same messages, so a turn's number fixes its prompt and its
+    reply. Which conversations run is not fixed: a user that finishes its three turns first
+    starts another while the 12 requests last, cutting a slower user's conversation short."""
     from chatsse.loadgen import LoadConfig, arun_load_test
 
     server = serve(sim_reply_tokens_min=20, sim_reply_tokens_max=60)
     config = LoadConfig(requests=12, concurrency=4, turns=3, messages=("How do SSE streams behave?",))
-    counts = {}
+    replies: dict[str, set[tuple[int, int, int | None]]] = {}
+    conversations: dict[str, int] = {}
     for target in (
         ChatsseTarget(server.url),
         OpenAITarget(f"{server.url}/v1"),  # the model is discovered: chatsse's GET /v1/models
@@ -552,13 +557,18 @@ def test_all_three_targets_measure_chatsse_by_the_same_measure(serve: Serve) -> 
         summary = result.summary()
         assert summary.completed == 12, (target.protocol, summary.errors_by_type)
         assert all(r.ttft is not None for r in result.records)
-        counts[target.protocol] = sorted(
-            (r.user_id, r.turn, r.tokens, r.prompt_tokens) for r in result.records
-        )
-    assert counts["openai"] == counts["chatsse"]
-    assert counts["responses"] == counts["chatsse"]
+        replies[target.protocol] = {(r.turn, r.tokens, r.prompt_tokens) for r in result.records}
+        conversations[target.protocol] = len({r.user_id for r in result.records})
+    # one reply size and one prompt size per turn, and a history that grows with each turn
+    assert sorted(turn for turn, _, _ in replies["chatsse"]) == [0, 1, 2]
+    prompts = [prompt for _, _, prompt in sorted(replies["chatsse"])]
+    assert prompts == sorted(prompts)
+    assert len(set(prompts)) == 3
+    assert replies["openai"] == replies["chatsse"]
+    assert replies["responses"] == replies["chatsse"]
     stored = httpx.get(f"{server.url}/conversations").json()
-    assert stored["total"] == 2 * 4  # /chat's users and the Responses users; chat completions kept none
+    # /chat's and the Responses conversations; chat completions kept none
+    assert stored["total"] == conversations["chatsse"] + conversations["responses"]
 
 
 DROPPING = {
