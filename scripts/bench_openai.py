@@ -153,6 +153,7 @@ def _latencies(result: Any) -> dict[str, float]:
         "ttft_p99_ms": 1000 * summary.ttft.p99,
         "itl_p50_ms": 1000 * summary.itl.p50,
         "itl_p99_ms": 1000 * summary.itl.p99,
+        "tpot_p50_ms": 1000 * summary.tpot.p50 if summary.tpot is not None else None,
         "failed": summary.failed,
     }
 
