@@ -113,7 +113,16 @@ class ChaosConfig:
 
 
 QUICK = ChaosConfig(
-    concurrency=6, before=1.5, between=1.0, redis_down=1.5, disk_hold=1.5, tmpfs_mib=64, workers=2
+    concurrency=6,
+    before=1.5,
+    between=1.0,
+    redis_down=1.5,
+    disk_hold=1.5,
+    tmpfs_mib=64,
+    workers=2,
+    # Replies of 0.2 to 0.6 s: with 2 ms tokens a reply is sent whole in 0.1 s, and on a busy
+    # machine a client slow to read could find no worker still holding a stream to kill it with.
+    env={**SERVER_ENV, "CHATSSE_SIM_TOKEN_INTERVAL_MS": "10"},
 )
 """Every fault, briefly: tests and CI (about a minute)."""
 
@@ -306,9 +315,9 @@ async def _victim(run: _Run, pids: Sequence[int]) -> tuple[int, int]:
     A stream the client still reads may have been sent whole already, its end waiting in the
     client's socket; so the worker is stopped, the client given ``_SETTLE`` seconds to read what
     was sent, and the streams still open then are the ones the worker holds. Killing a worker
-    that holds none would test nothing: it is let go (SIGCONT) and another tried, for up to 5 s."""
+    that holds none would test nothing: it is let go (SIGCONT) and another tried, for up to 15 s."""
     port = int(run.server.url.rpartition(":")[2])
-    deadline = time.monotonic() + 5.0
+    deadline = time.monotonic() + 15.0
     while True:
         streams = run.traffic.open_stream_ports()
         serving = {pid: len(ports & streams) for pid, ports in client_ports(pids, port).items()}
