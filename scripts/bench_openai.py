@@ -154,6 +154,7 @@ def _latencies(result: Any) -> dict[str, float]:
         "itl_p50_ms": 1000 * summary.itl.p50,
         "itl_p99_ms": 1000 * summary.itl.p99,
         "tpot_p50_ms": 1000 * summary.tpot.p50 if summary.tpot is not None else None,
+        "e2e_min_ms": 1000 * summary.e2e.min if summary.e2e is not None else None,
         "failed": summary.failed,
     }
 
