@@ -146,14 +146,13 @@ def _ratio(a: float, b: float) -> float | None:
     return a / b if b else None  # None: too little CPU to read (a quick run)
 
 
-def _latencies(result: Any) -> dict[str, float]:
+def _latencies(result: Any) -> dict[str, float | None]:
     summary = result.summary()
     return {
         "ttft_p50_ms": 1000 * summary.ttft.p50,
         "ttft_p99_ms": 1000 * summary.ttft.p99,
         "itl_p50_ms": 1000 * summary.itl.p50,
         "itl_p99_ms": 1000 * summary.itl.p99,
-        "tpot_p50_ms": 1000 * summary.tpot.p50 if summary.tpot is not None else None,
         "e2e_min_ms": 1000 * summary.e2e.min if summary.e2e is not None else None,
         "failed": summary.failed,
     }
